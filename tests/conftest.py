@@ -1,0 +1,17 @@
+"""Test session setup: four fake CPU devices, so multi-device code runs on one CPU."""
+
+import jax
+import pytest
+
+# Must run before any JAX backend is initialised (DESIGN.md §4).
+jax.config.update("jax_num_cpu_devices", 4)
+
+
+@pytest.fixture(params=["float32", "x64"])
+def precision(request):
+    """Run a test in float32 and again with jax_enable_x64; yields the relative tolerance."""
+    if request.param == "x64":
+        with jax.enable_x64(True):
+            yield 1e-6
+    else:
+        yield 2e-5
