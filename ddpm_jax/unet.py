@@ -1,0 +1,253 @@
+"""The ε_θ network of DDPM (Ho et al. 2020, §4 and Appendix B) as a Flax Linen module.
+
+A PixelCNN++-style U-Net: sinusoidal timestep embedding, residual blocks with GroupNorm and
+swish, single-head self-attention at the listed resolutions, stride-2 conv downsampling
+and nearest-neighbour upsampling. Module and parameter names mirror the authors' variable
+scopes (temb/dense0, down_0/block_0/conv1, mid/attn_1, up_3/upsample/conv, norm_out, ...),
+so their checkpoints map one to one (see convert.py). Knows nothing of noise schedules.
+"""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """Architecture hyperparameters; the defaults are the paper's CIFAR10 model (35.7M)."""
+
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    resamp_with_conv: bool = True
+    out_ch: int = 3
+    dtype: str = "float32"  # computation dtype; parameters are always float32
+
+    def __post_init__(self):
+        if self.ch < 32 or self.ch % 32:
+            raise ValueError(
+                f"ch must be a positive multiple of 32 (GroupNorm has 32 groups), got {self.ch}"
+            )
+        if not self.ch_mult or any(m < 1 for m in self.ch_mult):
+            raise ValueError(
+                f"ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}"
+            )
+        if self.num_res_blocks < 1:
+            raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+
+    def check_image_size(self, size):
+        """Raise ValueError unless `size` halves cleanly at every downsampling."""
+        factor = 2 ** (len(self.ch_mult) - 1)
+        if size % factor:
+            raise ValueError(
+                f"image size {size} must be divisible by {factor} = 2^(len(ch_mult) - 1) "
+                f"for ch_mult={self.ch_mult}; change the image size or ch_mult"
+            )
+
+
+def default_init(scale=1.0):
+    """Variance scaling, fan-average, uniform (the authors' init); scale 0 gives zeros."""
+    if scale == 0.0:
+        return nn.initializers.zeros
+    return nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of integer t: [sin(t·f_i), cos(t·f_i)], f_i = e^{-ln(1e4)·i/(half-1)}."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10000.0) / (half - 1) * jnp.arange(half, dtype=jnp.float32))
+    args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
+    return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+def conv(features, name, dtype, stride=1, scale=1.0):
+    """3x3 'SAME' convolution (TF's SAME padding, as the authors' checkpoints expect)."""
+    return nn.Conv(
+        features, (3, 3), (stride, stride), "SAME",
+        dtype=dtype, kernel_init=default_init(scale), name=name,
+    )  # fmt: skip
+
+
+def dense(features, name, dtype, scale=1.0):
+    """Dense layer on the last axis (also the 1x1 'nin' layers of the authors' code)."""
+    return nn.Dense(features, dtype=dtype, kernel_init=default_init(scale), name=name)
+
+
+def group_norm(name, dtype):
+    """GroupNorm with 32 groups and ε = 1e-6 (tf.contrib.layers.group_norm's defaults)."""
+    return nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, name=name)
+
+
+class _Layers(nn.Module):
+    """Base of the blocks below: carries the computation dtype to every layer."""
+
+    dtype: jnp.dtype = jnp.float32
+
+    def conv(self, features, name, stride=1, scale=1.0):
+        return conv(features, name, self.dtype, stride, scale)
+
+    def dense(self, features, name, scale=1.0):
+        return dense(features, name, self.dtype, scale)
+
+    def norm(self, name):
+        return group_norm(name, self.dtype)
+
+
+class ResnetBlock(_Layers):
+    """GroupNorm-swish-conv, + dense(swish(temb)), GroupNorm-swish-dropout-conv(zero init)."""
+
+    out_ch: int = 128
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, temb, train):
+        h = self.conv(self.out_ch, "conv1")(nn.swish(self.norm("norm1")(x)))
+        h = h + self.dense(self.out_ch, "temb_proj")(nn.swish(temb))[:, None, None, :]
+        h = nn.swish(self.norm("norm2")(h))
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = self.conv(self.out_ch, "conv2", scale=0.0)(h)
+        if x.shape[-1] != self.out_ch:
+            x = self.dense(self.out_ch, "nin_shortcut")(x)  # 1x1 "network in network"
+        return x + h
+
+
+class AttnBlock(_Layers):
+    """Single-head self-attention over all positions, residual, zero-initialised output."""
+
+    @nn.compact
+    def __call__(self, x):
+        B, H, W, C = x.shape
+        h = self.norm("norm")(x)
+        q, k, v = (self.dense(C, name)(h).reshape(B, H * W, C) for name in ("q", "k", "v"))
+        w = jnp.einsum("bic,bjc->bij", q, k) * (C**-0.5)
+        w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(v.dtype)
+        h = jnp.einsum("bij,bjc->bic", w, v).reshape(B, H, W, C)
+        return x + self.dense(C, "proj_out", scale=0.0)(h)
+
+
+class Resample(_Layers):
+    """Stride-2 conv (down) or nearest-neighbour ×2 then conv (up); avg-pool / plain without conv."""
+
+    up: bool = False
+    with_conv: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        B, H, W, C = x.shape
+        if self.up:
+            x = jnp.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C))
+            x = x.reshape(B, 2 * H, 2 * W, C)
+            return self.conv(C, "conv")(x) if self.with_conv else x
+        if self.with_conv:
+            return self.conv(C, "conv", stride=2)(x)
+        return nn.avg_pool(x, (2, 2), (2, 2))
+
+
+class TimestepEmbed(_Layers):
+    """temb = dense1(swish(dense0(sinusoidal(t)))), width 4·ch."""
+
+    ch: int = 128
+
+    @nn.compact
+    def __call__(self, t):
+        temb = timestep_embedding(t, self.ch).astype(self.dtype)
+        temb = self.dense(4 * self.ch, "dense0")(temb)
+        return self.dense(4 * self.ch, "dense1")(nn.swish(temb))
+
+
+class DownLevel(_Layers):
+    """One resolution on the way down: residual (+attention) blocks, then downsampling.
+
+    Returns every intermediate activation, which the up path consumes as skip connections.
+    """
+
+    config: UNetConfig = UNetConfig()
+    level: int = 0
+
+    @nn.compact
+    def __call__(self, h, temb, train):
+        cfg, hs = self.config, []
+        for i in range(cfg.num_res_blocks):
+            out_ch = cfg.ch * cfg.ch_mult[self.level]
+            h = ResnetBlock(self.dtype, out_ch, cfg.dropout, name=f"block_{i}")(h, temb, train)
+            if h.shape[1] in cfg.attn_resolutions:
+                h = AttnBlock(self.dtype, name=f"attn_{i}")(h)
+            hs.append(h)
+        if self.level != len(cfg.ch_mult) - 1:
+            hs.append(Resample(self.dtype, False, cfg.resamp_with_conv, name="downsample")(h))
+        return hs
+
+
+class UpLevel(_Layers):
+    """One resolution on the way up: num_res_blocks + 1 blocks on concatenated skips, then upsampling."""
+
+    config: UNetConfig = UNetConfig()
+    level: int = 0
+
+    @nn.compact
+    def __call__(self, h, skips, temb, train):
+        cfg = self.config
+        for i in range(cfg.num_res_blocks + 1):
+            h = jnp.concatenate([h, skips.pop()], axis=-1)
+            out_ch = cfg.ch * cfg.ch_mult[self.level]
+            h = ResnetBlock(self.dtype, out_ch, cfg.dropout, name=f"block_{i}")(h, temb, train)
+            if h.shape[1] in cfg.attn_resolutions:
+                h = AttnBlock(self.dtype, name=f"attn_{i}")(h)
+        if self.level != 0:
+            h = Resample(self.dtype, True, cfg.resamp_with_conv, name="upsample")(h)
+        return h
+
+
+class Middle(_Layers):
+    """block_1 -> attn_1 -> block_2 at the lowest resolution."""
+
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, h, temb, train):
+        ch = h.shape[-1]
+        h = ResnetBlock(self.dtype, ch, self.dropout, name="block_1")(h, temb, train)
+        h = AttnBlock(self.dtype, name="attn_1")(h)
+        return ResnetBlock(self.dtype, ch, self.dropout, name="block_2")(h, temb, train)
+
+
+class UNet(nn.Module):
+    """ε_θ(x_t, t): NHWC images and int timesteps (B,) -> output of shape (B, H, W, out_ch).
+
+    `train=True` enables dropout and needs a 'dropout' rng. The output is float32 whatever
+    the computation dtype.
+    """
+
+    config: UNetConfig = UNetConfig()
+
+    @nn.compact
+    def __call__(self, x, t, train=False):
+        cfg, dtype = self.config, DTYPES[self.config.dtype]
+        if x.ndim != 4 or x.shape[1] != x.shape[2] or t.shape != x.shape[:1]:
+            raise ValueError(
+                f"expected square NHWC images and t of shape (B,); got x {x.shape}, t {t.shape}"
+            )
+        cfg.check_image_size(x.shape[1])
+        temb = TimestepEmbed(dtype, cfg.ch, name="temb")(t)
+        hs = [conv(cfg.ch, "conv_in", dtype)(x.astype(dtype))]
+        for level in range(len(cfg.ch_mult)):
+            hs += DownLevel(dtype, cfg, level, name=f"down_{level}")(hs[-1], temb, train)
+        h = Middle(dtype, cfg.dropout, name="mid")(hs[-1], temb, train)
+        for level in reversed(range(len(cfg.ch_mult))):
+            h = UpLevel(dtype, cfg, level, name=f"up_{level}")(h, hs, temb, train)
+        assert not hs, "every skip connection must be consumed"
+        h = nn.swish(group_norm("norm_out", dtype)(h))
+        h = conv(cfg.out_ch, "conv_out", dtype, scale=0.0)(h)
+        return h.astype(jnp.float32)

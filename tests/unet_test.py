@@ -1,0 +1,191 @@
+"""The U-Net: parameter counts of the paper's models, layer semantics, dtypes, dropout."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from ddpm_jax import unet
+
+TINY = unet.UNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1)
+
+
+def param_shapes(config, size):
+    model = unet.UNet(config)
+    x, t = jnp.zeros((1, size, size, config.out_ch)), jnp.zeros((1,), jnp.int32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), x, t))["params"]
+
+
+def count(tree):
+    return sum(math.prod(a.shape) for a in jax.tree.leaves(tree))
+
+
+def test_paper_parameter_counts():
+    assert count(param_shapes(unet.UNetConfig(), 32)) == 35_746_307  # CIFAR10
+    config_256 = unet.UNetConfig(ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0)
+    assert count(param_shapes(config_256, 256)) == 113_673_219  # CelebA-HQ, LSUN
+
+
+def test_cifar_structure():
+    """Blocks per level, attention only at 16x16, channel widths, shortcuts where widths change."""
+    p = param_shapes(unet.UNetConfig(), 32)
+    assert sorted(p) == ["conv_in", "conv_out", "down_0", "down_1", "down_2", "down_3", "mid",
+                         "norm_out", "temb", "up_0", "up_1", "up_2", "up_3"]  # fmt: skip
+    assert sorted(p["down_1"]) == ["attn_0", "attn_1", "block_0", "block_1", "downsample"]
+    assert (
+        sorted(p["down_0"]) == ["block_0", "block_1", "downsample"]
+        and "downsample" not in p["down_3"]
+    )
+    assert sorted(p["up_1"]) == [
+        "attn_0",
+        "attn_1",
+        "attn_2",
+        "block_0",
+        "block_1",
+        "block_2",
+        "upsample",
+    ]
+    assert "upsample" not in p["up_0"] and sorted(p["mid"]) == ["attn_1", "block_1", "block_2"]
+    assert p["down_1"]["block_0"]["nin_shortcut"]["kernel"].shape == (128, 256)
+    assert p["up_0"]["block_0"]["conv1"]["kernel"].shape == (3, 3, 256 + 128, 128)
+    assert p["temb"]["dense0"]["kernel"].shape == (128, 512)
+    assert p["conv_out"]["kernel"].shape == (3, 3, 128, 3)
+    shortcuts = [
+        k for k in traverse_util.flatten_dict(p) if "nin_shortcut" in k and k[-1] == "kernel"
+    ]
+    assert len(shortcuts) == 1 + 12  # down_1/block_0, and every up block (concatenated skips)
+
+
+def test_timestep_embedding_matches_formula():
+    t = np.array([0, 1, 17, 999])
+    got = np.asarray(unet.timestep_embedding(jnp.asarray(t), 10))
+    freqs = np.exp(-np.log(10000.0) * np.arange(5) / 4)
+    np.testing.assert_allclose(
+        got, np.concatenate([np.sin(t[:, None] * freqs), np.cos(t[:, None] * freqs)], 1), atol=1e-4
+    )
+    assert unet.timestep_embedding(jnp.asarray(t), 11).shape == (4, 11)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = unet.UNet(TINY)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    t = jnp.array([3, 900])
+    params = jax.jit(model.init)(jax.random.key(0), x, t)["params"]
+    return model, params, x, t
+
+
+def randomize(params, seed=5):
+    """Give every parameter (including the zero-initialised ones) a nonzero value."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return tree.unflatten([a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+
+
+def test_fresh_model_outputs_exactly_zero(tiny):
+    model, params, x, t = tiny
+    out = jax.jit(model.apply)({"params": params}, x, t)
+    assert out.shape == x.shape and out.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(out))) == 0.0
+    zero = [
+        k
+        for k, v in traverse_util.flatten_dict(params).items()
+        if k[-1] == "kernel" and not v.any()
+    ]
+    assert {k[-2] for k in zero} == {"conv2", "proj_out", "conv_out"}
+
+
+def test_output_shape_finite_and_jit_equals_eager(tiny):
+    model, params, x, t = tiny
+    params = randomize(params)
+    apply = jax.jit(model.apply)
+    eager = model.apply({"params": params}, x, t)
+    jitted = apply({"params": params}, x, t)
+    assert eager.shape == (2, 8, 8, 3) and bool(jnp.all(jnp.isfinite(eager)))
+    np.testing.assert_allclose(eager, jitted, rtol=1e-5, atol=1e-5)
+    # The output depends on t (through the embedding) and on each example only.
+    other_t = apply({"params": params}, x, t[::-1])
+    assert float(jnp.max(jnp.abs(other_t - jitted))) > 1e-3
+    single = apply({"params": params}, x[:1], t[:1])
+    np.testing.assert_allclose(single, jitted[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_only_in_training(tiny):
+    model, params, x, t = tiny
+    params = randomize(params)
+    apply = jax.jit(
+        lambda train, rng: model.apply({"params": params}, x, t, train=train, rngs=rng),
+        static_argnums=0,
+    )
+    np.testing.assert_array_equal(apply(False, None), apply(False, {"dropout": jax.random.key(1)}))
+    a, b = apply(True, {"dropout": jax.random.key(1)}), apply(True, {"dropout": jax.random.key(2)})
+    assert float(jnp.max(jnp.abs(a - b))) > 1e-3
+    np.testing.assert_array_equal(a, apply(True, {"dropout": jax.random.key(1)}))
+    with pytest.raises(Exception, match="dropout"):
+        apply(True, None)
+
+
+def test_bfloat16_path_is_close_to_float32(tiny):
+    model, params, x, t = tiny
+    params = randomize(params)
+    bf16 = unet.UNet(unet.UNetConfig(**{**TINY.__dict__, "dtype": "bfloat16"}))
+    ref = jax.jit(model.apply)({"params": params}, x, t)
+    out = jax.jit(bf16.apply)({"params": params}, x, t)
+    assert out.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    assert 0 < rel < 0.05, rel
+    # Parameters stay float32 whatever the computation dtype.
+    init = jax.eval_shape(bf16.init, jax.random.key(0), x, t)["params"]
+    assert {a.dtype for a in jax.tree.leaves(init)} == {jnp.dtype(jnp.float32)}
+
+
+def test_resampling_matches_tensorflow():
+    """Down: TF 'SAME' stride-2 conv (pads bottom/right only); up: nearest neighbour + conv."""
+    tf = pytest.importorskip("tensorflow")
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 32)).astype(np.float32)
+    for up in (False, True):
+        block = unet.Resample(jnp.float32, up, True)
+        params = randomize(block.init(jax.random.key(0), jnp.asarray(x))["params"])
+        w, b = np.asarray(params["conv"]["kernel"]), np.asarray(params["conv"]["bias"])
+        inp = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2) if up else x
+        want = tf.nn.conv2d(inp, w, strides=1 if up else 2, padding="SAME").numpy() + b
+        np.testing.assert_allclose(block.apply({"params": params}, jnp.asarray(x)), want, atol=1e-4)
+
+
+def test_attention_matches_restatement():
+    x = np.random.default_rng(1).standard_normal((2, 4, 4, 32)).astype(np.float32)
+    block = unet.AttnBlock(jnp.float32)
+    p = randomize(block.init(jax.random.key(0), jnp.asarray(x))["params"])
+    get = lambda name: (np.asarray(p[name]["kernel"]), np.asarray(p[name]["bias"]))
+    # GroupNorm(32 groups) on 32 channels: each channel normalised over H, W.
+    mu, var = x.mean((1, 2), keepdims=True), x.var((1, 2), keepdims=True)
+    h = (x - mu) / np.sqrt(var + 1e-6) * np.asarray(p["norm"]["scale"]) + np.asarray(
+        p["norm"]["bias"]
+    )
+    q, k, v = ((h @ w + b).reshape(2, 16, 32) for w, b in map(get, "qkv"))
+    w = np.einsum("bic,bjc->bij", q, k) / np.sqrt(32)
+    w = np.exp(w - w.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    out = (np.einsum("bij,bjc->bic", w, v) @ get("proj_out")[0] + get("proj_out")[1]).reshape(
+        x.shape
+    )
+    np.testing.assert_allclose(block.apply({"params": p}, jnp.asarray(x)), x + out, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [(dict(ch=48), "ch"), (dict(ch_mult=()), "ch_mult"), (dict(num_res_blocks=0), "num_res_blocks"),
+     (dict(dropout=1.0), "dropout"), (dict(dtype="float16"), "dtype")],
+)  # fmt: skip
+def test_bad_config(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        unet.UNetConfig(**kwargs)
+
+
+def test_bad_image_size():
+    model = unet.UNet(unet.UNetConfig(ch=32, ch_mult=(1, 2, 2)))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model.init(jax.random.key(0), jnp.zeros((1, 6, 6, 3)), jnp.zeros((1,), jnp.int32))
