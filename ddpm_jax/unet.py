@@ -64,7 +64,7 @@ def default_init(scale=1.0):
 
 
 def timestep_embedding(t, dim):
-    """Sinusoidal embedding of integer t: [sin(t·f_i), cos(t·f_i)], f_i = e^{-ln(1e4)·i/(half-1)}."""
+    """Sinusoidal embedding [sin(t·f_i), cos(t·f_i)], f_i = exp(-ln(1e4)·i/(half-1))."""
     half = dim // 2
     freqs = jnp.exp(-math.log(10000.0) / (half - 1) * jnp.arange(half, dtype=jnp.float32))
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]
@@ -138,7 +138,7 @@ class AttnBlock(_Layers):
 
 
 class Resample(_Layers):
-    """Stride-2 conv (down) or nearest-neighbour ×2 then conv (up); avg-pool / plain without conv."""
+    """Stride-2 conv (down) or nearest-neighbour ×2 + conv (up); without conv: avg-pool / ×2."""
 
     up: bool = False
     with_conv: bool = True
@@ -191,7 +191,7 @@ class DownLevel(_Layers):
 
 
 class UpLevel(_Layers):
-    """One resolution on the way up: num_res_blocks + 1 blocks on concatenated skips, then upsampling."""
+    """One resolution on the way up: num_res_blocks + 1 blocks on concatenated skips, upsample."""
 
     config: UNetConfig = UNetConfig()
     level: int = 0

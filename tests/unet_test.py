@@ -82,7 +82,9 @@ def randomize(params, seed=5):
     """Give every parameter (including the zero-initialised ones) a nonzero value."""
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return tree.unflatten([a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+    return tree.unflatten(
+        [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)]
+    )
 
 
 def test_fresh_model_outputs_exactly_zero(tiny):
