@@ -11,6 +11,8 @@ GroupNorm variables are 'gamma'/'beta'. The EMA copy of each variable carries th
 writes the EMA parameters as an orbax checkpoint that `sample.py --params` reads.
 """
 
+from pathlib import Path
+
 import numpy as np
 from flax import traverse_util
 
@@ -78,3 +80,47 @@ def load_tf_checkpoint(path, expected, prefix="model/", ema=True):
         raise ValueError(f"cannot read a TensorFlow checkpoint at {path!r}: {e}") from e
     shapes = reader.get_variable_to_shape_map()
     return params_from_tf_variables(shapes, reader.get_tensor, expected, prefix, ema)
+
+
+def expected_params(config):
+    """Parameter shapes of the UNet that a config describes (nothing is computed)."""
+    import jax
+    import jax.numpy as jnp
+
+    from ddpm_jax import config_lib, unet
+
+    model = unet.UNet(config_lib.unet_config(config))
+    size, ch = config.data.image_size, config.data.num_channels
+    x, t = jnp.zeros((1, size, size, ch)), jnp.zeros((1,), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), x, t)["params"]
+
+
+def main(argv=None):
+    import argparse
+
+    import orbax.checkpoint as ocp
+
+    from ddpm_jax import config_lib
+
+    parser = argparse.ArgumentParser(
+        description="Convert an authors' TF checkpoint to Flax params."
+    )
+    parser.add_argument("--checkpoint", required=True, help="TF checkpoint prefix (model.ckpt-N)")
+    parser.add_argument("--config", required=True, help="config file of the matching model")
+    parser.add_argument("--out", required=True, help="new directory for the orbax checkpoint")
+    parser.add_argument("--raw", action="store_true", help="take raw weights, not their EMA")
+    parser.add_argument("--prefix", default="model/", help="variable scope of the model")
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    if out.exists():
+        parser.error(f"--out {out} already exists; choose a new directory")
+    config = config_lib.load_config(args.config)
+    params = load_tf_checkpoint(args.checkpoint, expected_params(config), args.prefix, not args.raw)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(out, params)
+    count = sum(a.size for a in traverse_util.flatten_dict(params).values())
+    print(f"wrote {count:,} parameters to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -251,3 +251,19 @@ class UNet(nn.Module):
         h = nn.swish(group_norm("norm_out", dtype)(h))
         h = conv(cfg.out_ch, "conv_out", dtype, scale=0.0)(h)
         return h.astype(jnp.float32)
+
+
+def apply_in_chunks(fn, chunk_size, *batched):
+    """fn(*batched) computed as lax.map over chunks of `chunk_size` examples.
+
+    Same numbers, same single compilation; on CPUs a chunk that fits in cache makes the
+    convolutions markedly faster than one large batch (see bench/unet_bench.py).
+    """
+    batch = batched[0].shape[0]
+    if chunk_size >= batch:
+        return fn(*batched)
+    if batch % chunk_size:
+        raise ValueError(f"batch size {batch} is not divisible by chunk_size {chunk_size}")
+    split = lambda a: a.reshape(batch // chunk_size, chunk_size, *a.shape[1:])
+    out = jax.lax.map(lambda args: fn(*args), tuple(split(a) for a in batched))
+    return jax.tree.map(lambda a: a.reshape(batch, *a.shape[2:]), out)

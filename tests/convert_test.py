@@ -1,5 +1,7 @@
 """The TF checkpoint converter: round trip through a real TF checkpoint, and its errors."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,8 @@ import tensorflow as tf
 from flax import traverse_util
 
 from ddpm_jax import convert, unet
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 CONFIG = unet.UNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
 
@@ -98,3 +102,24 @@ def test_not_a_checkpoint(tmp_path, params):
     (tmp_path / "junk.index").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read a TensorFlow checkpoint"):
         convert.load_tf_checkpoint(str(tmp_path / "junk"), params)
+
+
+def test_command_writes_orbax_params(tmp_path):
+    import orbax.checkpoint as ocp
+
+    from ddpm_jax import config_lib
+
+    config_path = CONFIGS / "tiny.py"
+    expected = convert.expected_params(config_lib.load_config(config_path))
+    params = jax.tree.map(
+        lambda s: np.random.default_rng(s.size).standard_normal(s.shape).astype(np.float32),
+        expected,
+    )
+    ckpt = write_tf_checkpoint(tmp_path / "model.ckpt-5", authors_layout(params))
+    out = tmp_path / "params"
+    convert.main(["--checkpoint", ckpt, "--config", str(config_path), "--out", str(out)])
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(out)
+    jax.tree.map(np.testing.assert_array_equal, restored, params)
+    with pytest.raises(SystemExit):  # never overwrite an existing directory
+        convert.main(["--checkpoint", ckpt, "--config", str(config_path), "--out", str(out)])

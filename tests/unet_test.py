@@ -191,3 +191,16 @@ def test_bad_image_size():
     model = unet.UNet(unet.UNetConfig(ch=32, ch_mult=(1, 2, 2)))
     with pytest.raises(ValueError, match="divisible by 4"):
         model.init(jax.random.key(0), jnp.zeros((1, 6, 6, 3)), jnp.zeros((1,), jnp.int32))
+
+
+def test_apply_in_chunks_equals_whole_batch(tiny):
+    model, params, _, _ = tiny
+    params = randomize(params)
+    x = jax.random.normal(jax.random.key(3), (8, 8, 8, 3))
+    t = jnp.arange(8) * 100
+    fn = lambda x, t: model.apply({"params": params}, x, t)
+    whole = jax.jit(fn)(x, t)
+    chunked = jax.jit(lambda x, t: unet.apply_in_chunks(fn, 2, x, t))(x, t)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-5)  # float32 summation order
+    with pytest.raises(ValueError, match="divisible by chunk_size 3"):
+        unet.apply_in_chunks(fn, 3, x, t)

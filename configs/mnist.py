@@ -1,0 +1,37 @@
+"""A small MNIST model that learns recognisable digits in minutes on a 2-core CPU.
+
+    TFDS_DATA_DIR=../shared/tensorflow_datasets \
+        python train.py --config configs/mnist.py --workdir /tmp/ddpm_mnist
+
+The paper's method and schedule (T = 1000, linear β, ε-prediction, L_simple) on a
+U-Net shrunk to 28x28x1 images: ch 32, ch_mult (1, 2, 2), one residual block per
+resolution, attention at 7x7. Uses real MNIST prepared by TFDS (download=False).
+"""
+
+from configs import cifar
+
+
+def get_config():
+    config = cifar.get_config()
+    config.data.dataset = "mnist"
+    config.data.image_size = 28
+    config.data.num_channels = 1
+    config.data.random_flip = False
+    config.data.shuffle_buffer = 10_000
+    config.model.ch = 32
+    config.model.ch_mult = (1, 2, 2)
+    config.model.num_res_blocks = 1
+    config.model.attn_resolutions = (7,)
+    config.model.dropout = 0.0
+    config.training.batch_size = 64
+    config.training.num_steps = 5_000
+    config.training.learning_rate = 1e-3
+    config.training.warmup_steps = 200
+    config.training.ema_decay = 0.999
+    config.training.log_every = 50
+    config.training.checkpoint_every = 1_000
+    config.training.keep_period = 0
+    config.training.sample_every = 1_000
+    config.training.num_sample_images = 36
+    config.sampling.batch_size = 64
+    return config

@@ -1,0 +1,90 @@
+"""From an ml_collections config to the typed pieces the library takes, with checks.
+
+Everything a run needs is checked here, before anything is compiled or read, so that a
+mistake in a config or on the command line fails at once with a message naming the
+setting and how to fix it.
+"""
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+from ddpm_jax import diffusion, schedules, unet
+
+
+def load_config(path):
+    """get_config() of a config file given by path (as `--config` takes it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def unet_config(config):
+    """The UNetConfig of config.model, with out_ch = config.data.num_channels."""
+    fields = {f.name for f in dataclasses.fields(unet.UNetConfig)} - {"out_ch"}
+    unknown = set(config.model) - fields
+    if unknown:
+        raise ValueError(
+            f"unknown config.model settings {sorted(unknown)}; known: {sorted(fields)}"
+        )
+    model = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in config.model.items()}
+    return unet.UNetConfig(**model, out_ch=config.data.num_channels)
+
+
+def make_schedule(config):
+    """The Schedule of config.diffusion."""
+    d = config.diffusion
+    return schedules.make_schedule(
+        d.beta_schedule, beta_start=d.beta_start, beta_end=d.beta_end, num_timesteps=d.num_timesteps
+    )
+
+
+def check_diffusion(config):
+    d = config.diffusion
+    diffusion.check_choice("config.diffusion.mean_type", d.mean_type, diffusion.MEAN_TYPES)
+    diffusion.check_choice("config.diffusion.var_type", d.var_type, diffusion.VAR_TYPES)
+    diffusion.check_choice("config.diffusion.loss_type", d.loss_type, diffusion.LOSS_TYPES)
+    try:
+        schedules.get_beta_schedule(
+            d.beta_schedule,
+            beta_start=d.beta_start,
+            beta_end=d.beta_end,
+            num_timesteps=d.num_timesteps,
+        )
+    except ValueError as e:
+        raise ValueError(f"config.diffusion: {e}") from e
+
+
+def check_batch(name, batch_size, num_devices, num_processes=1):
+    """A global batch must split evenly over processes and devices."""
+    if batch_size < 1 or batch_size % num_devices or batch_size % num_processes:
+        raise ValueError(
+            f"{name}={batch_size} must be a positive multiple of the number of devices "
+            f"({num_devices}) and of processes ({num_processes}); set --config.{name}=N with "
+            f"N divisible by {num_devices}"
+        )
+
+
+def check_config(config, num_devices=1, num_processes=1):
+    """Raise ValueError naming the first setting that cannot work."""
+    model = unet_config(config)
+    try:
+        model.check_image_size(config.data.image_size)
+    except ValueError as e:
+        raise ValueError(f"config.data.image_size: {e}") from e
+    if config.data.num_channels not in (1, 3):
+        raise ValueError(f"config.data.num_channels must be 1 or 3, got {config.data.num_channels}")
+    check_diffusion(config)
+    check_batch("training.batch_size", config.training.batch_size, num_devices, num_processes)
+    t = config.training
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ValueError(f"config.training.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if t.learning_rate <= 0 or t.warmup_steps < 0 or t.grad_clip <= 0:
+        raise ValueError(
+            "config.training: learning_rate and grad_clip must be > 0, warmup_steps >= 0"
+        )
+    return model

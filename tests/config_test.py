@@ -1,0 +1,101 @@
+"""The configs: the paper's numbers, inheritance, and clear errors for bad settings."""
+
+import math
+from pathlib import Path
+
+import jax
+import pytest
+
+from ddpm_jax import config_lib, convert
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ALL = ["cifar", "celeba_hq", "lsun_church", "lsun_bedroom", "lsun_cat", "mnist", "tiny"]
+
+
+def load(name):
+    return config_lib.load_config(CONFIGS / f"{name}.py")
+
+
+def num_params(config):
+    return sum(math.prod(a.shape) for a in jax.tree.leaves(convert.expected_params(config)))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_config_is_valid(name):
+    config = load(name)
+    config_lib.check_config(config, num_devices=4 if name != "tiny" else 1)
+    assert config_lib.make_schedule(config).num_timesteps == config.diffusion.num_timesteps
+
+
+def test_cifar_is_the_paper():
+    c = load("cifar")
+    assert num_params(c) == 35_746_307
+    assert (c.diffusion.beta_schedule, c.diffusion.beta_start, c.diffusion.beta_end) == (
+        "linear",
+        1e-4,
+        0.02,
+    )
+    assert (c.diffusion.num_timesteps, c.diffusion.mean_type, c.diffusion.var_type) == (
+        1000,
+        "eps",
+        "fixedlarge",
+    )
+    assert (c.training.learning_rate, c.training.warmup_steps, c.training.grad_clip) == (
+        2e-4,
+        5000,
+        1.0,
+    )
+    assert (c.training.batch_size, c.training.ema_decay, c.training.num_steps) == (
+        128,
+        0.9999,
+        800_000,
+    )
+    assert (c.model.dropout, c.data.random_flip, c.diffusion.loss_type) == (0.1, True, "mse")
+
+
+@pytest.mark.parametrize(
+    "name, flip, steps",
+    [
+        ("lsun_church", True, 1_200_000),
+        ("lsun_bedroom", True, 2_400_000),
+        ("lsun_cat", False, 1_800_000),
+    ],
+)
+def test_256_configs(name, flip, steps):
+    c, base = load(name), load("celeba_hq")
+    assert num_params(c) == num_params(base) == 113_673_219
+    assert (c.data.random_flip, c.training.num_steps) == (flip, steps)
+    assert (c.training.learning_rate, c.training.batch_size, c.model.dropout) == (2e-5, 64, 0.0)
+    assert c.diffusion.var_type == base.diffusion.var_type == "fixedsmall"
+    assert c.to_dict()["model"] == base.to_dict()["model"]
+
+
+@pytest.mark.parametrize(
+    "setting, value, word",
+    [
+        ("training.batch_size", 6, "training.batch_size"),
+        ("data.image_size", 9, "image_size"),
+        ("diffusion.mean_type", "v", "mean_type"),
+        ("diffusion.var_type", "learned", "var_type"),
+        ("diffusion.loss_type", "hybrid", "loss_type"),
+        ("diffusion.beta_schedule", "sigmoid", "schedule"),
+        ("diffusion.num_timesteps", 0, "num_timesteps"),
+        ("model.ch", 40, "ch"),
+        ("training.ema_decay", 1.0, "ema_decay"),
+    ],
+)
+def test_bad_settings_are_named(setting, value, word):
+    config = load("tiny")
+    group, key = setting.split(".")
+    config[group][key] = value
+    with pytest.raises(ValueError, match=word):
+        config_lib.check_config(config, num_devices=4)
+
+
+def test_unknown_model_setting_and_missing_file():
+    config = load("tiny")
+    config.model.channels = 64
+    with pytest.raises(ValueError, match="channels"):
+        config_lib.unet_config(config)
+    with pytest.raises(ValueError, match="does not exist"):
+        config_lib.load_config(CONFIGS / "nope.py")
