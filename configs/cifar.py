@@ -20,7 +20,7 @@ def get_config():
     config.data.dataset = "cifar10"  # a TFDS name, or "folder:/path/to/images"
     config.data.train_split = "train"
     config.data.eval_split = "test"
-    config.data.data_dir = None  # None: $TFDS_DATA_DIR or TFDS's default
+    config.data.data_dir = ml_collections.config_dict.placeholder(str)  # None: $TFDS_DATA_DIR
     config.data.image_size = 32
     config.data.num_channels = 3
     config.data.random_flip = True

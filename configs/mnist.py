@@ -23,15 +23,15 @@ def get_config():
     config.model.num_res_blocks = 1
     config.model.attn_resolutions = (7,)
     config.model.dropout = 0.0
-    config.training.batch_size = 64
-    config.training.num_steps = 5_000
+    config.training.batch_size = 32
+    config.training.num_steps = 4_000
     config.training.learning_rate = 1e-3
     config.training.warmup_steps = 200
     config.training.ema_decay = 0.999
     config.training.log_every = 50
-    config.training.checkpoint_every = 1_000
+    config.training.checkpoint_every = 500
     config.training.keep_period = 0
-    config.training.sample_every = 1_000
+    config.training.sample_every = 2_000
     config.training.num_sample_images = 36
     config.sampling.batch_size = 64
     return config

@@ -1,0 +1,142 @@
+"""TFDS -> tf.data -> host NumPy batches of images in [-1, 1].
+
+Each process reads its own disjoint part of the split (`tfds.even_splits`). The order is a
+pure function of (seed, process, epoch): epoch e is the shard shuffled with seed
+(seed, e), so resuming at any example offset replays exactly the same stream without
+saving iterator state. Random flips are likewise keyed by (seed, epoch, position).
+"""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+FOLDER_PREFIX = "folder:"
+
+
+def _builder(config):
+    """The TFDS builder of config.data.dataset ('name[/config]' or 'folder:/path')."""
+    name, data_dir = config.data.dataset, config.data.data_dir
+    if name.startswith(FOLDER_PREFIX):
+        root = name[len(FOLDER_PREFIX) :]
+        if not os.path.isdir(root):
+            raise ValueError(f"config.data.dataset {name!r}: {root} is not a directory")
+        return tfds.folder_dataset.ImageFolder(root)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(f"config.data.dataset {name!r} is not a TFDS dataset: {e}") from e
+    return builder
+
+
+def _not_prepared_message(config, split):
+    where = config.data.data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    return (
+        f"dataset {config.data.dataset!r} (split {split!r}) is not prepared in {where}. "
+        f"Prepare it once with `tfds build {config.data.dataset} --data_dir DIR` on a machine "
+        f"with internet (or follow the dataset's manual instructions), then pass "
+        f"--config.data.data_dir=DIR or set TFDS_DATA_DIR=DIR."
+    )
+
+
+def load_split(config, split, process_index=0, process_count=1, count=True):
+    """(tf.data.Dataset of uint8 HWC images, its number of examples) for this process."""
+    builder = _builder(config)
+    subsplit = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
+    try:
+        ds = builder.as_dataset(split=subsplit, shuffle_files=False)
+    except (AssertionError, FileNotFoundError, tf.errors.NotFoundError) as e:
+        raise ValueError(_not_prepared_message(config, split)) from e
+    except ValueError as e:
+        if "split" in str(e).lower():
+            raise ValueError(
+                f"config.data: {config.data.dataset!r} cannot give split {split!r}: {e}"
+            ) from e
+        raise ValueError(f"{_not_prepared_message(config, split)} ({e})") from e
+    ds = ds.map(lambda ex: ex["image"], num_parallel_calls=tf.data.AUTOTUNE)
+    if not count:
+        return ds, None
+    num = int(ds.cardinality())
+    if num < 0:  # unknown (e.g. mocked data without metadata): count once
+        num = int(ds.reduce(0, lambda n, _: n + 1))
+    if num < 1:
+        raise ValueError(
+            f"split {split!r} of {config.data.dataset!r} is empty for process {process_index}"
+        )
+    return ds, num
+
+
+def check_dataset(config, split):
+    """Fail now, with instructions, if the dataset or split cannot be read."""
+    load_split(config, split, count=False)
+
+
+def preprocess(image, image_size, num_channels):
+    """uint8 HWC -> float32 [-1, 1] (x = k/127.5 - 1), center-cropped square and resized."""
+    if image.shape[-1] is not None and image.shape[-1] != num_channels:
+        raise ValueError(
+            f"images have {image.shape[-1]} channels; config.data.num_channels={num_channels}"
+        )
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    side = tf.minimum(h, w)
+    image = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
+    image = tf.cast(image, tf.float32)
+    if image.shape[0] != image_size:
+        image = tf.image.resize(image, (image_size, image_size), method="area", antialias=True)
+        image = tf.round(tf.clip_by_value(image, 0.0, 255.0))  # stay on the 256-level grid
+    image = tf.ensure_shape(image, (image_size, image_size, num_channels))
+    return image / 127.5 - 1.0
+
+
+def _epoch(ds, num, epoch, seed, buffer_size):
+    """One pass over the shard in the order of (seed, epoch): elements (epoch, index, image)."""
+    epoch_seed = tf.constant(seed, tf.int64) * 1_000_003 + epoch
+    ds = ds.enumerate().shuffle(
+        min(buffer_size, num), seed=epoch_seed, reshuffle_each_iteration=False
+    )
+    return ds.map(lambda i, image: (epoch_seed, i, image))
+
+
+def _flip(epoch_seed, index, image):
+    """Horizontal flip with probability 1/2, keyed by (seed, epoch, position in the shard)."""
+    key = tf.stack([epoch_seed, index])
+    flip = tf.random.stateless_uniform([], seed=key) < 0.5
+    return tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+
+
+def train_dataset(config, batch_size, seed, start_example=0, process_index=0, process_count=1):
+    """Endless batches (B, H, W, C) float32 in [-1, 1] of this process's shard of the
+    training split, starting at `start_example` of the deterministic stream."""
+    ds, num = load_split(config, config.data.train_split, process_index, process_count)
+    start_epoch, offset = divmod(int(start_example), num)
+    seed = seed * 7919 + process_index  # each process shuffles its own shard differently
+    epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
+    ds = epochs.flat_map(lambda e: _epoch(ds, num, e, seed, config.data.shuffle_buffer))
+
+    def prepare(epoch_seed, index, image):
+        if config.data.random_flip:
+            image = _flip(epoch_seed, index, image)
+        return preprocess(image, config.data.image_size, config.data.num_channels)
+
+    ds = ds.skip(offset).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(2)
+
+
+def train_iterator(config, batch_size, seed, start_example=0, process_index=0, process_count=1):
+    """train_dataset as an iterator of host NumPy arrays."""
+    ds = train_dataset(config, batch_size, seed, start_example, process_index, process_count)
+    return ds.as_numpy_iterator()
+
+
+def eval_dataset(config, batch_size, process_index=0, process_count=1):
+    """One ordered pass over this process's shard of the eval split, no flips; the last
+    batch is padded with copies of the first image, with a 0/1 mask marking real ones."""
+    ds, num = load_split(config, config.data.eval_split, process_index, process_count)
+    ds = ds.map(lambda image: preprocess(image, config.data.image_size, config.data.num_channels))
+    ds = ds.map(lambda image: (image, tf.constant(1.0)))
+    pad = (-num) % batch_size
+    if pad:
+        first = ds.take(1).map(lambda image, _: (image, tf.constant(0.0))).repeat(pad)
+        ds = ds.concatenate(first)
+    return ds.batch(batch_size).prefetch(2), num

@@ -1,0 +1,177 @@
+"""Training: the step, its sharding, resume, and the loop's guarantees (tiny config, CPU)."""
+
+import os
+import signal
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import checkpointing, config_lib, input_pipeline, sharding, train_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = ROOT.parent / "shared" / "tensorflow_datasets"
+
+
+def tiny_config(**training):
+    config = config_lib.load_config(ROOT / "configs" / "tiny.py")
+    config.data.data_dir = str(DATA_DIR)
+    config.training.sample_every = 0
+    config.training.update(training)
+    return config
+
+
+def fixed_batch(n=8, seed=0):
+    return next(input_pipeline.train_iterator(tiny_config(), n, seed=seed))
+
+
+def allclose(a, b, rtol=1e-5, atol=1e-6):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    return train_lib.Trainer(tiny_config(), tmp_path_factory.mktemp("work"))
+
+
+def test_one_step_golden_numbers_and_single_trace(trainer):
+    state = trainer.init()
+    x0 = sharding.global_batch(fixed_batch(), trainer.mesh)
+    state, metrics = trainer.train_step(state, x0)
+    # Pinned: the tiny config's first step on the first 8 training images of seed 0.
+    np.testing.assert_allclose(float(metrics["loss"]), 1.126384, rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), 2.678390, rtol=1e-4)
+    assert float(metrics["lr"]) == 0.0  # warmup starts at 0, as in the authors' code
+    assert int(state.step) == 1
+    for _ in range(4):
+        state, metrics = trainer.train_step(state, x0)
+    assert np.isfinite(float(metrics["loss"])) and int(state.step) == 5
+    np.testing.assert_allclose(float(metrics["lr"]), 1e-3)  # warmup of 2 steps is over
+    assert trainer.train_step._cache_size() == 1  # traced and compiled once
+
+
+def test_ema_and_adam_update(trainer):
+    """EMA after one step is decay·θ_0 + (1 - decay)·θ_1, exactly."""
+    state0 = trainer.init()
+    params0 = jax.tree.map(np.asarray, state0.params)
+    x0 = sharding.global_batch(fixed_batch(), trainer.mesh)
+    state1, _ = trainer.train_step(trainer.init(), x0)
+    params1 = jax.tree.map(np.array, state1.params)  # a copy: state1 is donated below
+    state2, _ = trainer.train_step(state1, x0)
+    allclose(params1, params0)  # the first update has lr 0 (warmup from 0)
+    d = trainer.config.training.ema_decay
+    want = jax.tree.map(lambda e, p: d * e + (1 - d) * p, params1, state2.params)
+    allclose(state2.ema_params, want)
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), state2.params, params1)
+    assert max(jax.tree.leaves(moved)) > 1e-4
+
+
+def test_overfits_a_fixed_batch(tmp_path):
+    trainer = train_lib.Trainer(tiny_config(learning_rate=2e-3, warmup_steps=5), tmp_path)
+    state, x0 = trainer.init(), sharding.global_batch(fixed_batch(seed=1), trainer.mesh)
+    losses = []
+    for _ in range(100):
+        state, metrics = trainer.train_step(state, x0)
+        losses.append(metrics["loss"])
+    losses = np.asarray(jax.device_get(losses))  # per-step L_simple at random t: noisy
+    first, middle, last = losses[:10].mean(), losses[35:65].mean(), losses[70:].mean()
+    assert last < 0.35 * first and middle < 0.6 * first, (first, middle, last)
+
+
+def test_four_devices_equal_one(tmp_path):
+    assert len(jax.devices()) == 4
+    batches = [fixed_batch(seed=s) for s in range(3)]
+    finals = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        trainer = train_lib.Trainer(tiny_config(), tmp_path / str(len(devices)), devices)
+        state = trainer.init()
+        for batch in batches:
+            state, _ = trainer.train_step(state, sharding.global_batch(batch, trainer.mesh))
+        assert len(state.params["conv_in"]["kernel"].sharding.device_set) == len(devices)
+        finals.append(jax.tree.map(np.asarray, state))
+    # Same numbers up to float32 reduction order (Adam's m/√v amplifies it for tiny gradients).
+    allclose(finals[0].params, finals[1].params, rtol=1e-4, atol=1e-5)
+    allclose(finals[0].opt_state, finals[1].opt_state, rtol=1e-3, atol=3e-6)
+
+
+def final_state(workdir):
+    trainer = train_lib.Trainer(tiny_config(), workdir)
+    manager = checkpointing.make_manager(trainer.workdir)
+    return jax.tree.map(np.asarray, trainer.restore_or_init(manager))
+
+
+def test_resume_is_exact(tmp_path):
+    train_lib.train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=2), tmp_path / "a")
+    train_lib.train_and_evaluate(tiny_config(num_steps=8, checkpoint_every=2), tmp_path / "a")
+    train_lib.train_and_evaluate(tiny_config(num_steps=8, checkpoint_every=8), tmp_path / "b")
+    a, b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
+    assert int(a.step) == int(b.step) == 8
+    jax.tree.map(np.testing.assert_array_equal, a, b)  # params, EMA, Adam, rng: bit for bit
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    train_lib.train_and_evaluate(tiny_config(num_steps=2, checkpoint_every=2), tmp_path)
+    good = final_state(tmp_path)
+    real = input_pipeline.train_iterator
+    poisoned = lambda *a, **k: (b * np.nan for b in real(*a, **k))  # e.g. corrupt images
+    monkeypatch.setattr(input_pipeline, "train_iterator", poisoned)
+    config = tiny_config(num_steps=12, checkpoint_every=4, log_every=100)
+    with pytest.raises(FloatingPointError, match=r"step 2\) is untouched"):
+        train_lib.train_and_evaluate(config, tmp_path)
+    after = final_state(tmp_path)
+    assert int(after.step) == 2
+    jax.tree.map(np.testing.assert_array_equal, after, good)
+
+
+def test_sigterm_saves_and_stops(tmp_path, monkeypatch):
+    real = input_pipeline.train_iterator
+
+    def interrupted(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == 2:  # while the third step's batch is read
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(input_pipeline, "train_iterator", interrupted)
+    state = train_lib.train_and_evaluate(tiny_config(num_steps=50, checkpoint_every=100), tmp_path)
+    assert int(state.step) == 3
+    assert checkpointing.make_manager(tmp_path).latest_step() == 3
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(
+        signal.getsignal(signal.SIGTERM)
+    )
+
+
+@pytest.mark.parametrize(
+    "change, word",
+    [
+        (lambda c: c.training.update(batch_size=6), "batch_size"),
+        (lambda c: c.data.update(image_size=7), "image_size"),
+        (lambda c: c.data.update(dataset="cifar11"), "not a TFDS dataset"),
+        (lambda c: c.diffusion.update(loss_type="hybrid"), "loss_type"),
+    ],
+)
+def test_bad_config_fails_before_compiling(tmp_path, change, word):
+    config = tiny_config()
+    change(config)
+    with pytest.raises(ValueError, match=word):
+        train_lib.Trainer(config, tmp_path)
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="not writable"):
+        train_lib.Trainer(tiny_config(), blocker / "workdir")
+
+
+def test_sharding_helpers():
+    mesh = sharding.make_mesh()
+    batch = sharding.global_batch(np.arange(8 * 3, dtype=np.float32).reshape(8, 3), mesh)
+    assert batch.shape == (8, 3) and len(batch.sharding.device_set) == 4
+    assert [s.data.shape for s in batch.addressable_shards] == [(2, 3)] * 4
+    np.testing.assert_array_equal(np.asarray(batch), np.arange(24).reshape(8, 3))
+    assert sharding.per_process_batch_size(8) == 8
+    x = jnp.ones(3)
+    assert jax.device_put(x, sharding.replicated(mesh)).sharding.is_fully_replicated

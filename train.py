@@ -1,0 +1,39 @@
+"""Train a DDPM.
+
+    python train.py --config configs/cifar.py --workdir /tmp/ddpm_cifar10
+    python train.py --config configs/mnist.py --workdir /tmp/ddpm_mnist \
+        --config.training.batch_size=32
+
+Resumes from the latest checkpoint in --workdir. SIGTERM saves a checkpoint and exits.
+"""
+
+import logging as py_logging
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ddpm_jax import train_lib
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and samples.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(py_logging.Filter):
+    """Keep orbax's per-save INFO chatter out of the training log (warnings still show)."""
+
+    def filter(self, record):
+        return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    py_logging.getLogger("absl").addFilter(_QuietLibraries())
+    logging.info("config:\n%s", FLAGS.config)
+    train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
