@@ -93,3 +93,12 @@ def restore_params(workdir, ema=True, step=None, sharding=None):
     )
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
         return checkpointer.restore(directory, args=args)[key]
+
+
+def restore_converted(directory):
+    """Parameters saved by `python -m ddpm_jax.convert` (a plain orbax pytree)."""
+    directory = Path(directory).resolve()
+    if not directory.is_dir():
+        raise ValueError(f"no converted parameters at {directory}")
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(directory)

@@ -5,33 +5,49 @@ Compiled once per (batch shape, T): the loop body is traced once, nothing is unr
 and no trajectory is stored unless asked for.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
+from jax.experimental import multihost_utils
 
-from ddpm_jax import diffusion
-
-
-def step_noise(rng, t, shape, dtype=jnp.float32):
-    """The z of Algorithm 2 at step t (0-based): N(0, I) from fold_in(rng, t)."""
-    return jax.random.normal(jax.random.fold_in(rng, t), shape, dtype)
+from ddpm_jax import config_lib, diffusion, sharding, unet
+from ddpm_jax.checkpointing import restore_params  # noqa: F401 (the Colab needs both)
 
 
-def sample_loop(sched, model_fn, x_T, rng, mean_type, var_type, clip_x0=True, t_start=None):
-    """Run p_θ from x_T down to x_0 (Algorithm 2). model_fn(x_t, t) -> network output.
+def example_keys(rng, num_samples, offset=0):
+    """One key per sample, fold_in(rng, i): sample i's noise depends on (rng, i) alone, not
+    on the batch size, the chunking or the number of devices."""
+    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(offset + jnp.arange(num_samples))
+
+
+def keyed_normal(keys, t, shape):
+    """Per-sample N(0, I) of the given image shape from fold_in(key_i, t)."""
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), shape))(keys)
+
+
+def initial_noise(keys, shape, num_timesteps):
+    """x_T ~ N(0, I) per sample (index T is never a step's z, which uses 0..T-1)."""
+    return keyed_normal(keys, num_timesteps, shape)
+
+
+def sample_loop(sched, model_fn, x_T, keys, mean_type, var_type, clip_x0=True, t_start=None):
+    """Run p_θ from x_T down to x_0 (Algorithm 2). model_fn(x_t, t) -> network output;
+    keys: one per sample (example_keys); the z of step t is keyed_normal(keys, t).
 
     `t_start` (default T-1) starts the chain at an intermediate step with x_T taken as
     x_{t_start}. Returns x_0.
     """
     t_start = sched.num_timesteps - 1 if t_start is None else t_start
-    batch = x_T.shape[0]
+    batch, shape = x_T.shape[0], x_T.shape[1:]
 
-    def step(x_t, t):
+    def step(x_t, t):  # Algorithm 2, lines 3-4
         t_b = jnp.full((batch,), t, dtype=jnp.int32)
-        noise = step_noise(rng, t, x_t.shape, x_t.dtype)
+        z = keyed_normal(keys, t, shape).astype(x_t.dtype)
         out = model_fn(x_t, t_b)
-        x_prev = diffusion.p_sample(sched, out, x_t, t_b, noise, mean_type, var_type, clip_x0)
-        return x_prev, None
+        return diffusion.p_sample(sched, out, x_t, t_b, z, mean_type, var_type, clip_x0), None
 
     ts = jnp.arange(t_start, -1, -1, dtype=jnp.int32)
     x_0, _ = jax.lax.scan(step, x_T, ts)
@@ -61,16 +77,54 @@ def save_png(path, grid):
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
 
 
-def sample(params, rng, *, config, model, sched, num_samples, batch_sharding=None):
+def sample(params, rng, offset=0, *, config, model, sched, num_samples, batch_sharding=None):
     """num_samples images in [-1, 1] from p_θ (Algorithm 2) with the config's mean and
-    variance types; x_T and every z are drawn from `rng` alone, so the result does not
-    depend on how the batch is laid out over devices."""
+    variance types: samples offset .. offset + num_samples - 1 of the stream of `rng`,
+    sample i depending only on (params, rng, i)."""
     d, data = config.diffusion, config.data
-    rng_T, rng_steps = jax.random.split(rng)
-    shape = (num_samples, data.image_size, data.image_size, data.num_channels)
-    x_T = jax.random.normal(rng_T, shape)
+    keys = example_keys(rng, num_samples, offset)
+    shape = (data.image_size, data.image_size, data.num_channels)
+    x_T = initial_noise(keys, shape, sched.num_timesteps)
     if batch_sharding is not None:
         x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
     model_fn = lambda x, t: model.apply({"params": params}, x, t)
     clip = config.sampling.clip_x0
-    return sample_loop(sched, model_fn, x_T, rng_steps, d.mean_type, d.var_type, clip)
+    return sample_loop(sched, model_fn, x_T, keys, d.mean_type, d.var_type, clip)
+
+
+def make_sample_fn(config, devices=None, progress=False):
+    """sample_fn(params, rng, num_samples, output="uint8") -> NumPy NHWC images.
+
+    Samples are drawn in chunks of config.sampling.batch_size (rounded up to a multiple of
+    the device count), each split over all devices; one compilation serves every call
+    and chunk. Sample i depends only on (params, rng, i): the result is the same for any
+    chunk size or number of devices. output="float" gives [-1, 1] float32 instead.
+    """
+    config_lib.check_diffusion(config)
+    mesh = sharding.make_mesh(devices)
+    chunk = -(-config.sampling.batch_size // mesh.size) * mesh.size
+    batch_sh = sharding.batch_sharding(mesh)
+    fn = functools.partial(
+        sample,
+        config=config,
+        model=unet.UNet(config_lib.unet_config(config)),
+        sched=config_lib.make_schedule(config),
+        num_samples=chunk,
+        batch_sharding=batch_sh,
+    )
+    jitted = jax.jit(fn, out_shardings=batch_sh)
+
+    def sample_fn(params, rng, num_samples, output="uint8"):
+        if output not in ("uint8", "float"):
+            raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
+        params = jax.device_put(params, sharding.replicated(mesh))
+        starts = range(0, num_samples, chunk)
+        chunks = []
+        for start in tqdm.tqdm(starts, unit="chunk", disable=not progress):
+            x = jitted(params, rng, jnp.asarray(start, jnp.int32))
+            chunks.append(np.asarray(multihost_utils.process_allgather(x, tiled=True)))
+        images = np.concatenate(chunks)[:num_samples]
+        return to_uint8(images) if output == "uint8" else images
+
+    sample_fn.jitted = jitted  # exposed so that callers can check it compiles once
+    return sample_fn

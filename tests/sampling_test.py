@@ -1,0 +1,135 @@
+"""The reverse process: scan vs a plain loop, the right distribution, devices, one trace."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import checkpointing, config_lib, diffusion, sampling, schedules, unet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def toy_model(x_t, t):
+    return 0.5 * x_t + 0.01 * t[:, None, None, None].astype(x_t.dtype)
+
+
+@pytest.mark.parametrize("mean_type", diffusion.MEAN_TYPES)
+@pytest.mark.parametrize("var_type", diffusion.VAR_TYPES)
+def test_scan_equals_plain_loop(mean_type, var_type):
+    sched = schedules.make_schedule("linear", num_timesteps=10, beta_end=0.2)
+    keys = sampling.example_keys(jax.random.key(0), 3)
+    x_T = sampling.initial_noise(keys, (4, 4, 1), 10)
+    got = jax.jit(
+        lambda x: sampling.sample_loop(sched, toy_model, x, keys, mean_type, var_type, True)
+    )(x_T)
+    x = x_T
+    for t in reversed(range(10)):
+        t_b = jnp.full((3,), t)
+        z = sampling.keyed_normal(keys, t, (4, 4, 1))
+        x = diffusion.p_sample(sched, toy_model(x, t_b), x, t_b, z, mean_type, var_type, True)
+    np.testing.assert_allclose(got, x, rtol=1e-5, atol=1e-5)
+
+
+def test_scan_is_algorithm_2_written_out():
+    """ε-prediction, σ² = β, no clipping: x_{t-1} = (x_t - β_t/√(1-ᾱ_t) ε_θ)/√α_t + σ_t z."""
+    T = 10
+    betas = np.linspace(1e-4, 0.2, T)
+    ab = np.cumprod(1 - betas)
+    sched = schedules.make_schedule("linear", num_timesteps=T, beta_end=0.2)
+    keys = sampling.example_keys(jax.random.key(1), 2)
+    x_T = sampling.initial_noise(keys, (4, 4, 1), T)
+    got = sampling.sample_loop(sched, toy_model, x_T, keys, "eps", "fixedlarge", False)
+    x = np.asarray(x_T, np.float64)
+    for t in reversed(range(T)):
+        eps = 0.5 * x + 0.01 * t
+        z = np.asarray(sampling.keyed_normal(keys, t, (4, 4, 1))) if t > 0 else 0.0
+        x = (x - betas[t] / np.sqrt(1 - ab[t]) * eps) / np.sqrt(1 - betas[t]) + np.sqrt(
+            betas[t]
+        ) * z
+    np.testing.assert_allclose(got, x, rtol=1e-4, atol=1e-4)
+
+
+def test_exact_predictor_samples_the_data_distribution():
+    """Data x_0 ~ N(m, s² I): with E[ε|x_t] in closed form the samples have mean m, var s²."""
+    m, s = 0.3, 0.5
+    sched = schedules.make_schedule("linear")
+
+    def exact_eps(x_t, t):
+        ab = sched.alphas_cumprod[t][:, None, None, None]
+        v = ab * s**2 + 1 - ab  # Var(x_t)
+        return jnp.sqrt(1 - ab) * (x_t - jnp.sqrt(ab) * m) / v
+
+    keys = sampling.example_keys(jax.random.key(2), 4000)
+    x_T = sampling.initial_noise(keys, (2, 2, 1), 1000)
+    run = jax.jit(
+        lambda x: sampling.sample_loop(sched, exact_eps, x, keys, "eps", "fixedsmall", False)
+    )
+    x0 = np.asarray(run(x_T)).ravel()
+    n = x0.size
+    assert abs(x0.mean() - m) < 4 * s / np.sqrt(n)
+    assert abs(x0.var() / s**2 - 1) < 4 * np.sqrt(2 / n) + 0.01
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+    config = config_lib.load_config(ROOT / "configs" / "tiny.py")
+    model = unet.UNet(config_lib.unet_config(config))
+    params = jax.jit(model.init)(
+        jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
+    )
+    leaves, tree = jax.tree.flatten(params["params"])
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    noisy = [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)]
+    return config, tree.unflatten(noisy)
+
+
+def test_sample_fn_devices_chunks_and_one_trace(tiny_params):
+    config, params = tiny_params
+    config.sampling.batch_size = 4
+    on_four = sampling.make_sample_fn(config)
+    a = on_four(params, jax.random.PRNGKey(0), 6)
+    b = on_four(params, jax.random.PRNGKey(0), 6)
+    c = on_four(params, jax.random.PRNGKey(1), 3)
+    assert a.shape == (6, 8, 8, 1) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a[:3], c)
+    assert on_four.jitted._cache_size() == 1  # every call and chunk used one compilation
+    config.sampling.batch_size = 6
+    on_one = sampling.make_sample_fn(config, devices=jax.devices()[:1])
+    d = on_one(params, jax.random.PRNGKey(0), 6, output="float")
+    assert d.dtype == np.float32 and -1 <= d.min() and d.max() <= 1
+    # Same images on 1 device in one chunk of 6 as on 4 devices in chunks of 4.
+    np.testing.assert_allclose(sampling.to_uint8(d).astype(int), a.astype(int), atol=1)
+    assert np.mean(sampling.to_uint8(d) == a) > 0.99
+
+
+def test_restore_params_reads_the_ema_weights(tmp_path, tiny_params):
+    from ddpm_jax import train_lib
+
+    config, _ = tiny_params
+    config.data.data_dir = str(ROOT.parent / "shared" / "tensorflow_datasets")
+    trainer = train_lib.Trainer(config, tmp_path)
+    state = trainer.init()
+    state = state.replace(ema_params=jax.tree.map(lambda a: a + 1.0, state.ema_params))
+    manager = checkpointing.make_manager(tmp_path)
+    checkpointing.save(manager, state)
+    manager.wait_until_finished()
+    restored = checkpointing.restore_params(tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, restored, state.ema_params)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        checkpointing.restore_params(tmp_path / "elsewhere")
+
+
+def test_image_grid_layout():
+    images = np.arange(5 * 2 * 2 * 1, dtype=np.uint8).reshape(5, 2, 2, 1)
+    grid = sampling.image_grid(images)
+    assert grid.shape == (4, 6, 1)  # 3 columns, 2 rows
+    np.testing.assert_array_equal(grid[2:4, 0:2], images[3])
+    np.testing.assert_array_equal(grid[0:2, 4:6], images[2])
+    assert not grid[2:4, 4:6].any()  # blank padding after the last image
+    np.testing.assert_array_equal(
+        sampling.to_uint8(jnp.array([-1.0, 0.0, 1.0, 1.5])), [0, 128, 255, 255]
+    )
