@@ -61,4 +61,7 @@ def get_config():
     config.sampling = ml_collections.ConfigDict()
     config.sampling.clip_x0 = True
     config.sampling.batch_size = 256
+    config.sampling.method = "ancestral"  # Algorithm 2; or "ddim" (Song et al. 2021)
+    config.sampling.eta = 0.0  # DDIM only: 0 deterministic, 1 ancestral-like
+    config.sampling.num_steps = 0  # 0: all T steps; fewer: an evenly respaced chain
     return config

@@ -59,6 +59,15 @@ def check_diffusion(config):
         raise ValueError(f"config.diffusion: {e}") from e
 
 
+def check_sampling(config):
+    s, T = config.sampling, config.diffusion.num_timesteps
+    diffusion.check_choice("config.sampling.method", s.method, ("ancestral", "ddim"))
+    if not 0 <= s.num_steps <= T:
+        raise ValueError(f"config.sampling.num_steps must be in [0, T={T}], got {s.num_steps}")
+    if not 0.0 <= s.eta <= 1.0:
+        raise ValueError(f"config.sampling.eta must be in [0, 1], got {s.eta}")
+
+
 def check_batch(name, batch_size, num_devices, num_processes=1):
     """A global batch must split evenly over processes and devices."""
     if batch_size < 1 or batch_size % num_devices or batch_size % num_processes:
@@ -80,6 +89,7 @@ def check_config(config, num_devices=1, num_processes=1):
         raise ValueError(f"config.data.num_channels must be 1 or 3, got {config.data.num_channels}")
     check_diffusion(config)
     check_batch("training.batch_size", config.training.batch_size, num_devices, num_processes)
+    check_sampling(config)
     t = config.training
     if not 0.0 <= t.ema_decay < 1.0:
         raise ValueError(f"config.training.ema_decay must be in [0, 1), got {t.ema_decay}")

@@ -246,3 +246,20 @@ def bpd_loop(sched: Schedule, model_fn, x0, rng, mean_type, var_type, clip_x0=Tr
         x0_mse=x0_mse,
         eps_mse=eps_mse,
     )
+
+
+# ---- Fast sampling ----------------------------------------------------------------------
+
+
+def ddim_step(sched: Schedule, model_output, x_t, t, noise, eta, mean_type, clip_x0=True):
+    """One DDIM step (Song et al. 2021, eq. 12): x_{t-1} = √ᾱ_{t-1} x̂_0 + √(1-ᾱ_{t-1}-σ²) ε̂
+    + σ z with σ = η √((1-ᾱ_{t-1})/(1-ᾱ_t)) √(1-ᾱ_t/ᾱ_{t-1}); η=1 is ancestral sampling
+    with σ² = β̃ (given a consistent ε̂), η=0 is deterministic. Returns (x_{t-1}, x̂_0)."""
+    out = p_mean_variance(sched, model_output, x_t, t, mean_type, "fixedsmall", clip_x0)
+    x0_pred = out["x0_pred"]
+    eps = predict_eps_from_x0(sched, x_t, t, x0_pred)
+    ab, ab_prev = _at(sched.alphas_cumprod, t, x_t), _at(sched.alphas_cumprod_prev, t, x_t)
+    sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+    mean = jnp.sqrt(ab_prev) * x0_pred + jnp.sqrt(jnp.maximum(1 - ab_prev - sigma**2, 0.0)) * eps
+    nonzero = (t != 0).astype(x_t.dtype).reshape((t.shape[0],) + (1,) * (x_t.ndim - 1))
+    return mean + nonzero * sigma * noise, x0_pred

@@ -13,7 +13,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from ddpm_jax import config_lib, diffusion, sharding, unet
+from ddpm_jax import config_lib, diffusion, schedules, sharding, unet
 from ddpm_jax.checkpointing import restore_params  # noqa: F401 (the Colab needs both)
 
 
@@ -33,25 +33,78 @@ def initial_noise(keys, shape, num_timesteps):
     return keyed_normal(keys, num_timesteps, shape)
 
 
-def sample_loop(sched, model_fn, x_T, keys, mean_type, var_type, clip_x0=True, t_start=None):
+def _reverse_step(sched, model_fn, keys, mean_type, var_type, clip_x0, eta):
+    """(x_t, t) -> (x_{t-1}, x̂_0): Algorithm 2's line 4, or a DDIM step when eta is set."""
+
+    def step(x_t, t):
+        t_b = jnp.full((x_t.shape[0],), t, dtype=jnp.int32)
+        z = keyed_normal(keys, t, x_t.shape[1:]).astype(x_t.dtype)
+        out = model_fn(x_t, t_b)
+        if eta is not None:
+            return diffusion.ddim_step(sched, out, x_t, t_b, z, eta, mean_type, clip_x0)
+        p = diffusion.p_mean_variance(sched, out, x_t, t_b, mean_type, var_type, clip_x0)
+        nonzero = (t != 0).astype(x_t.dtype)
+        return p["mean"] + nonzero * jnp.exp(0.5 * p["log_variance"]) * z, p["x0_pred"]
+
+    return step
+
+
+def sample_loop(
+    sched,
+    model_fn,
+    x_T,
+    keys,
+    mean_type,
+    var_type,
+    clip_x0=True,
+    t_start=None,
+    eta=None,
+    every=None,
+):
     """Run p_θ from x_T down to x_0 (Algorithm 2). model_fn(x_t, t) -> network output;
     keys: one per sample (example_keys); the z of step t is keyed_normal(keys, t).
 
-    `t_start` (default T-1) starts the chain at an intermediate step with x_T taken as
-    x_{t_start}. Returns x_0.
+    t_start (default T-1) starts the chain at an intermediate step with x_T taken as
+    x_{t_start}. eta switches to DDIM steps (0: deterministic). With `every` = k, also
+    returns the progression (Fig. 6): x_t and x̂_0 after every k steps, stacked on axis 0.
     """
     t_start = sched.num_timesteps - 1 if t_start is None else t_start
-    batch, shape = x_T.shape[0], x_T.shape[1:]
-
-    def step(x_t, t):  # Algorithm 2, lines 3-4
-        t_b = jnp.full((batch,), t, dtype=jnp.int32)
-        z = keyed_normal(keys, t, shape).astype(x_t.dtype)
-        out = model_fn(x_t, t_b)
-        return diffusion.p_sample(sched, out, x_t, t_b, z, mean_type, var_type, clip_x0), None
-
+    step = _reverse_step(sched, model_fn, keys, mean_type, var_type, clip_x0, eta)
     ts = jnp.arange(t_start, -1, -1, dtype=jnp.int32)
-    x_0, _ = jax.lax.scan(step, x_T, ts)
-    return x_0
+    if every is None:
+        x_0, _ = jax.lax.scan(lambda x, t: (step(x, t)[0], None), x_T, ts)
+        return x_0
+    if ts.shape[0] % every:
+        raise ValueError(f"every={every} must divide the number of steps {ts.shape[0]}")
+
+    def chunk(x, ts_chunk):  # k steps, then keep one snapshot
+        (x, x0_pred), _ = jax.lax.scan(lambda c, t: (step(c[0], t), None), (x, x), ts_chunk)
+        return x, (x, x0_pred)
+
+    x_0, (xs, x0_preds) = jax.lax.scan(chunk, x_T, ts.reshape(-1, every))
+    return x_0, dict(x_t=xs, x0_pred=x0_preds)
+
+
+def respaced(sched, model_fn, num_steps):
+    """(Schedule, model_fn) of a chain over `num_steps` evenly spaced steps of `sched`; the
+    network still sees the original step indices. num_steps = T gives the same chain."""
+    timesteps = schedules.space_timesteps(sched.num_timesteps, num_steps)
+    betas = schedules.respace_betas(np.asarray(sched.betas, np.float64), timesteps)
+    timestep_map = jnp.asarray(timesteps, jnp.int32)
+    return schedules.schedule_from_betas(betas), lambda x, t: model_fn(x, timestep_map[t])
+
+
+def interpolate(sched, model_fn, x0_a, x0_b, t, lambdas, rng, mean_type, var_type, clip_x0=True):
+    """Fig. 8: diffuse x0_a and x0_b (single images) to step t, decode the latent
+    x̄_t = (1-λ) x_t + λ x'_t for each λ, with the same reverse noise for every λ."""
+    rng_a, rng_b, rng_reverse = jax.random.split(rng, 3)
+    t_1 = jnp.full((1,), t, jnp.int32)
+    x_ta = diffusion.q_sample(sched, x0_a[None], t_1, jax.random.normal(rng_a, (1, *x0_a.shape)))
+    x_tb = diffusion.q_sample(sched, x0_b[None], t_1, jax.random.normal(rng_b, (1, *x0_b.shape)))
+    lam = jnp.asarray(lambdas, x_ta.dtype).reshape(-1, 1, 1, 1)
+    x_bar = (1 - lam) * x_ta + lam * x_tb
+    keys = jnp.stack([rng_reverse] * lam.shape[0])
+    return sample_loop(sched, model_fn, x_bar, keys, mean_type, var_type, clip_x0, t_start=t)
 
 
 def to_uint8(x):
@@ -78,18 +131,21 @@ def save_png(path, grid):
 
 
 def sample(params, rng, offset=0, *, config, model, sched, num_samples, batch_sharding=None):
-    """num_samples images in [-1, 1] from p_θ (Algorithm 2) with the config's mean and
-    variance types: samples offset .. offset + num_samples - 1 of the stream of `rng`,
-    sample i depending only on (params, rng, i)."""
-    d, data = config.diffusion, config.data
+    """num_samples images in [-1, 1] from p_θ with the config's mean and variance types:
+    samples offset .. offset + num_samples - 1 of the stream of `rng`, sample i depending
+    only on (params, rng, i). config.sampling: clip_x0, num_steps (0: all T steps;
+    fewer respace the chain), method ('ancestral' = Algorithm 2, or 'ddim' with eta)."""
+    d, data, s = config.diffusion, config.data, config.sampling
     keys = example_keys(rng, num_samples, offset)
+    model_fn = lambda x, t: model.apply({"params": params}, x, t)
+    if s.num_steps and s.num_steps != sched.num_timesteps:
+        sched, model_fn = respaced(sched, model_fn, s.num_steps)
     shape = (data.image_size, data.image_size, data.num_channels)
     x_T = initial_noise(keys, shape, sched.num_timesteps)
     if batch_sharding is not None:
         x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
-    model_fn = lambda x, t: model.apply({"params": params}, x, t)
-    clip = config.sampling.clip_x0
-    return sample_loop(sched, model_fn, x_T, keys, d.mean_type, d.var_type, clip)
+    eta = s.eta if s.method == "ddim" else None
+    return sample_loop(sched, model_fn, x_T, keys, d.mean_type, d.var_type, s.clip_x0, eta=eta)
 
 
 def make_sample_fn(config, devices=None, progress=False):
@@ -101,6 +157,7 @@ def make_sample_fn(config, devices=None, progress=False):
     chunk size or number of devices. output="float" gives [-1, 1] float32 instead.
     """
     config_lib.check_diffusion(config)
+    config_lib.check_sampling(config)
     mesh = sharding.make_mesh(devices)
     chunk = -(-config.sampling.batch_size // mesh.size) * mesh.size
     batch_sh = sharding.batch_sharding(mesh)

@@ -134,3 +134,21 @@ def schedule_from_betas(betas):
     dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
     tables = schedule_tables(betas)
     return Schedule(**{k: jnp.asarray(v.astype(dtype)) for k, v in tables.items()})
+
+
+def space_timesteps(num_timesteps, num_steps):
+    """`num_steps` of the 0-based steps 0..T-1, evenly spaced, always keeping 0 and T-1."""
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"num_steps must be in [1, T={num_timesteps}], got {num_steps}")
+    return np.unique(np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64))
+
+
+def respace_betas(betas, timesteps):
+    """β of the shorter chain that visits only `timesteps` (increasing, 0-based) of the
+    chain of `betas`, so that its ᾱ are the original ᾱ at those steps:
+    β'_i = 1 - ᾱ_{s_i} / ᾱ_{s_{i-1}} (Nichol & Dhariwal 2021, §4)."""
+    timesteps = np.asarray(timesteps)
+    if timesteps.ndim != 1 or timesteps.size < 1 or np.any(np.diff(timesteps) <= 0):
+        raise ValueError(f"timesteps must be strictly increasing, got {timesteps}")
+    alphas_cumprod = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))[timesteps]
+    return 1.0 - alphas_cumprod / np.append(1.0, alphas_cumprod[:-1])

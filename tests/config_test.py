@@ -82,6 +82,9 @@ def test_256_configs(name, flip, steps):
         ("diffusion.num_timesteps", 0, "num_timesteps"),
         ("model.ch", 40, "ch"),
         ("training.ema_decay", 1.0, "ema_decay"),
+        ("sampling.method", "dpm", "sampling.method"),
+        ("sampling.num_steps", 21, "num_steps"),
+        ("sampling.eta", 1.5, "eta"),
     ],
 )
 def test_bad_settings_are_named(setting, value, word):

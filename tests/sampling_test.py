@@ -133,3 +133,72 @@ def test_image_grid_layout():
     np.testing.assert_array_equal(
         sampling.to_uint8(jnp.array([-1.0, 0.0, 1.0, 1.5])), [0, 128, 255, 255]
     )
+
+
+def linear10():
+    return schedules.make_schedule("linear", num_timesteps=10, beta_end=0.2)
+
+
+def test_ddim_eta1_is_ancestral_and_eta0_is_deterministic():
+    sched = linear10()
+    keys = sampling.example_keys(jax.random.key(3), 4)
+    x_T = sampling.initial_noise(keys, (4, 4, 1), 10)
+    ancestral = sampling.sample_loop(sched, toy_model, x_T, keys, "eps", "fixedsmall", True)
+    ddim1 = sampling.sample_loop(sched, toy_model, x_T, keys, "eps", "fixedsmall", True, eta=1.0)
+    np.testing.assert_allclose(ddim1, ancestral, rtol=1e-4, atol=1e-5)
+    other_keys = sampling.example_keys(jax.random.key(4), 4)
+    a = sampling.sample_loop(sched, toy_model, x_T, keys, "eps", "fixedsmall", True, eta=0.0)
+    b = sampling.sample_loop(sched, toy_model, x_T, other_keys, "eps", "fixedsmall", True, eta=0.0)
+    np.testing.assert_array_equal(a, b)
+    assert float(jnp.max(jnp.abs(a - ancestral))) > 1e-3
+
+
+def test_respacing():
+    sched = schedules.make_schedule("linear")
+    short, short_model = sampling.respaced(sched, toy_model, 50)
+    kept = schedules.space_timesteps(1000, 50)
+    assert short.num_timesteps == 50 and kept[0] == 0 and kept[-1] == 999
+    np.testing.assert_allclose(
+        short.alphas_cumprod, np.asarray(sched.alphas_cumprod)[kept], rtol=1e-5
+    )
+    x, t = jnp.ones((2, 4, 4, 1)), jnp.array([0, 49])
+    np.testing.assert_allclose(short_model(x, t), toy_model(x, jnp.array([0, 999])))
+    # All steps kept: the very same chain.
+    sched10 = linear10()
+    full, full_model = sampling.respaced(sched10, toy_model, 10)
+    keys = sampling.example_keys(jax.random.key(5), 3)
+    x_T = sampling.initial_noise(keys, (4, 4, 1), 10)
+    want = sampling.sample_loop(sched10, toy_model, x_T, keys, "eps", "fixedlarge", True)
+    got = sampling.sample_loop(full, full_model, x_T, keys, "eps", "fixedlarge", True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_progressive_snapshots():
+    sched = linear10()
+    keys = sampling.example_keys(jax.random.key(6), 2)
+    x_T = sampling.initial_noise(keys, (4, 4, 1), 10)
+    x0, prog = sampling.sample_loop(sched, toy_model, x_T, keys, "eps", "fixedsmall", True, every=5)
+    assert prog["x_t"].shape == (2, 2, 4, 4, 1) and prog["x0_pred"].shape == (2, 2, 4, 4, 1)
+    np.testing.assert_array_equal(prog["x_t"][-1], x0)
+    five = sampling.sample_loop(
+        sched, toy_model, x_T, keys, "eps", "fixedsmall", True, t_start=None
+    )
+    np.testing.assert_allclose(five, x0, rtol=1e-6)
+    # The first snapshot is the chain after 5 steps: continuing it from t=4 gives x_0.
+    rest = sampling.sample_loop(
+        sched, toy_model, prog["x_t"][0], keys, "eps", "fixedsmall", True, t_start=4
+    )
+    np.testing.assert_allclose(rest, x0, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="every=3"):
+        sampling.sample_loop(sched, toy_model, x_T, keys, "eps", "fixedsmall", True, every=3)
+
+
+def test_interpolation_endpoints():
+    sched = linear10()
+    x_a, x_b = jnp.full((4, 4, 1), -0.5), jnp.full((4, 4, 1), 0.5)
+    out = sampling.interpolate(
+        sched, toy_model, x_a, x_b, 6, [0.0, 0.5, 1.0], jax.random.key(7), "eps", "fixedsmall"
+    )
+    assert out.shape == (3, 4, 4, 1)
+    # λ = 0 and 1 decode the two encodings with the same reverse noise: the middle lies between.
+    assert float(jnp.mean(out[0])) < float(jnp.mean(out[1])) < float(jnp.mean(out[2]))
