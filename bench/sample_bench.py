@@ -1,0 +1,89 @@
+"""Sampler overhead and compile cost, measured against the bare network in the same run.
+
+    python bench/sample_bench.py                       # CIFAR10 network, batch 8, 50 steps
+    python bench/sample_bench.py --config configs/mnist.py --batch 64 --steps 100
+
+Reports image-steps/s of the full `lax.scan` sampler over --steps steps against
+--steps separate forward passes of the network (the loop's overhead; target < 5%),
+the sampler's compile time and XLA temporary memory at T=10 and T=1000 (they should be
+about equal: nothing is unrolled or stored per step), and the process's peak RSS.
+"""
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ddpm_jax import config_lib, sampling, unet  # noqa: E402
+
+
+def best_time(fn, *args, repeats):
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def sampler(config, model, num_timesteps, batch):
+    config = config_lib.load_config(config) if isinstance(config, str) else config
+    config.diffusion.num_timesteps = num_timesteps
+    return lambda params, rng: sampling.sample(
+        params,
+        rng,
+        config=config,
+        model=model,
+        sched=config_lib.make_schedule(config),
+        num_samples=batch,
+    )
+
+
+def compile_cost(config_path, model, params, num_timesteps, batch):
+    fn = sampler(config_path, model, num_timesteps, batch)
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(params, jax.random.PRNGKey(0)).compile()
+    seconds = time.perf_counter() - start
+    return seconds, compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--config", default=str(Path(__file__).resolve().parents[1] / "configs/cifar.py")
+    )
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    config = config_lib.load_config(args.config)
+    model = unet.UNet(config_lib.unet_config(config))
+    size, ch = config.data.image_size, config.data.num_channels
+    x = jax.random.normal(jax.random.key(0), (args.batch, size, size, ch))
+    t = jnp.full((args.batch,), 500, jnp.int32)
+    params = jax.jit(model.init)(jax.random.key(1), x[:1], t[:1])["params"]
+
+    forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
+    one = best_time(forward, params, x, t, repeats=args.repeats)
+    full = jax.jit(sampler(config_lib.load_config(args.config), model, args.steps, args.batch))
+    whole = best_time(full, params, jax.random.PRNGKey(0), repeats=args.repeats)
+    print(f"network forward, batch {args.batch}: {one * 1e3:.1f} ms")
+    rate = args.batch * args.steps / whole
+    print(f"sampler, {args.steps} steps: {whole:.2f} s = {rate:.1f} image-steps/s")
+    overhead = whole / (args.steps * one) - 1
+    print(f"{args.steps} bare forwards: {args.steps * one:.2f} s; loop overhead {overhead:+.1%}")
+    for T in (10, 1000):
+        seconds, mib = compile_cost(args.config, model, params, T, args.batch)
+        print(f"compile at T={T:4d}: {seconds:5.1f} s, XLA temp {mib:7.1f} MiB")
+    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"peak RSS of this process: {rss_gib:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
