@@ -94,6 +94,13 @@ def respaced(sched, model_fn, num_steps):
     return schedules.schedule_from_betas(betas), lambda x, t: model_fn(x, timestep_map[t])
 
 
+def from_shared_x_t(sched, model_fn, x_t, t, keys, mean_type, var_type, clip_x0=True):
+    """Fig. 7: one x_t (a single image at step t) decoded len(keys) times with different
+    reverse noise; what the samples share shows what x_t already determines."""
+    x = jnp.broadcast_to(x_t[None], (keys.shape[0], *x_t.shape))
+    return sample_loop(sched, model_fn, x, keys, mean_type, var_type, clip_x0, t_start=t)
+
+
 def interpolate(sched, model_fn, x0_a, x0_b, t, lambdas, rng, mean_type, var_type, clip_x0=True):
     """Fig. 8: diffuse x0_a and x0_b (single images) to step t, decode the latent
     x̄_t = (1-λ) x_t + λ x'_t for each λ, with the same reverse noise for every λ."""

@@ -202,3 +202,15 @@ def test_interpolation_endpoints():
     assert out.shape == (3, 4, 4, 1)
     # λ = 0 and 1 decode the two encodings with the same reverse noise: the middle lies between.
     assert float(jnp.mean(out[0])) < float(jnp.mean(out[1])) < float(jnp.mean(out[2]))
+
+
+def test_from_shared_x_t():
+    sched = linear10()
+    x_t = jax.random.normal(jax.random.key(8), (4, 4, 1))
+    keys = sampling.example_keys(jax.random.key(9), 3)
+    late = sampling.from_shared_x_t(sched, toy_model, x_t, 6, keys, "eps", "fixedsmall")
+    assert late.shape == (3, 4, 4, 1) and float(jnp.std(late, axis=0).mean()) > 1e-3
+    # From step 0 only the noiseless last step remains: every sample is the same.
+    first = sampling.from_shared_x_t(sched, toy_model, x_t, 0, keys, "eps", "fixedsmall")
+    np.testing.assert_array_equal(first[0], first[1])
+    np.testing.assert_array_equal(first[1], first[2])
