@@ -1,5 +1,6 @@
 """train.py end to end on the tiny config: checkpoints, TensorBoard events, a sample grid."""
 
+import json
 import os
 import subprocess
 import sys
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ddpm_jax import checkpointing, config_lib, train_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT.parent / "shared" / "tensorflow_datasets"
@@ -39,3 +42,24 @@ def test_train_py_rejects_a_bad_override_at_once(tmp_path):
         in result.stderr
     )
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_evaluate_py_writes_the_bound(tmp_path):
+    # A checkpoint written from this process's 4 devices, evaluated by a 2-device process.
+    config = config_lib.load_config(ROOT / "configs" / "tiny.py")
+    config.data.data_dir = str(DATA_DIR)
+    manager = checkpointing.make_manager(tmp_path)
+    state = train_lib.Trainer(config, tmp_path).init()
+    checkpointing.save(manager, state.replace(step=state.step + 2))
+    manager.wait_until_finished()
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), "--config", str(ROOT / "configs" / "tiny.py")]
+    cmd += ["--workdir", str(tmp_path), f"--config.data.data_dir={DATA_DIR}", "--batch_size=4"]
+    cmd += ["--max_batches=2"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "eval" / "nll_step_2.json").read_text())
+    assert summary["num_examples"] == 8 and summary["bpd"] > summary["decoder_bpd"] > 0
+    arrays = np.load(tmp_path / "eval" / "nll_step_2.npz")
+    assert arrays["terms_bpd"].shape == (20,)
+    np.testing.assert_allclose(arrays["rate_bpd"][0], summary["bpd"], rtol=1e-5)
