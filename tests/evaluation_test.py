@@ -3,11 +3,10 @@
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import config_lib, evaluation, unet
+from ddpm_jax import config_lib, evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,23 +58,11 @@ def test_inception_score_closed_forms():
         evaluation.inception_score(one_hot[:5])
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    config = config_lib.load_config(ROOT / "configs" / "tiny.py")
-    config.data.data_dir = str(ROOT.parent / "shared" / "tensorflow_datasets")
+def test_bound_over_a_split_sharded_equals_unsharded(tiny_model):
+    config, model, params = tiny_model
+    config = config.copy_and_resolve_references()
     config.data.eval_split = "test[:20]"
-    model = unet.UNet(config_lib.unet_config(config))
-    params = jax.jit(model.init)(
-        jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
-    )
-    leaves, tree = jax.tree.flatten(params["params"])
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    noisy = [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)]
-    return config, model, config_lib.make_schedule(config), tree.unflatten(noisy)
-
-
-def test_bound_over_a_split_sharded_equals_unsharded(tiny):
-    config, model, sched, params = tiny
+    sched = config_lib.make_schedule(config)
     four = evaluation.evaluate_bpd(config, model, sched, params, batch_size=8)
     one = evaluation.evaluate_bpd(
         config, model, sched, params, batch_size=8, devices=jax.devices()[:1]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpointing, config_lib, diffusion, sampling, schedules, unet
+from ddpm_jax import checkpointing, diffusion, sampling, schedules
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,21 +73,9 @@ def test_exact_predictor_samples_the_data_distribution():
     assert abs(x0.var() / s**2 - 1) < 4 * np.sqrt(2 / n) + 0.01
 
 
-@pytest.fixture(scope="module")
-def tiny_params():
-    config = config_lib.load_config(ROOT / "configs" / "tiny.py")
-    model = unet.UNet(config_lib.unet_config(config))
-    params = jax.jit(model.init)(
-        jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
-    )
-    leaves, tree = jax.tree.flatten(params["params"])
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    noisy = [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)]
-    return config, tree.unflatten(noisy)
-
-
-def test_sample_fn_devices_chunks_and_one_trace(tiny_params):
-    config, params = tiny_params
+def test_sample_fn_devices_chunks_and_one_trace(tiny_model):
+    config, _, params = tiny_model
+    config = config.copy_and_resolve_references()
     config.sampling.batch_size = 4
     on_four = sampling.make_sample_fn(config)
     a = on_four(params, jax.random.PRNGKey(0), 6)
@@ -106,11 +94,10 @@ def test_sample_fn_devices_chunks_and_one_trace(tiny_params):
     assert np.mean(sampling.to_uint8(d) == a) > 0.99
 
 
-def test_restore_params_reads_the_ema_weights(tmp_path, tiny_params):
+def test_restore_params_reads_the_ema_weights(tmp_path, tiny_model):
     from ddpm_jax import train_lib
 
-    config, _ = tiny_params
-    config.data.data_dir = str(ROOT.parent / "shared" / "tensorflow_datasets")
+    config = tiny_model[0]
     trainer = train_lib.Trainer(config, tmp_path)
     state = trainer.init()
     state = state.replace(ema_params=jax.tree.map(lambda a: a + 1.0, state.ema_params))

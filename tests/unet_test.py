@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import randomize
 from flax import traverse_util
 
 from ddpm_jax import unet
@@ -76,15 +77,6 @@ def tiny():
     t = jnp.array([3, 900])
     params = jax.jit(model.init)(jax.random.key(0), x, t)["params"]
     return model, params, x, t
-
-
-def randomize(params, seed=5):
-    """Give every parameter (including the zero-initialised ones) a nonzero value."""
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return tree.unflatten(
-        [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)]
-    )
 
 
 def test_fresh_model_outputs_exactly_zero(tiny):
