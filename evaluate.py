@@ -19,9 +19,10 @@ import tensorflow as tf
 from absl import app, flags
 from ml_collections import config_flags
 
-from ddpm_jax import checkpointing, config_lib, evaluation, unet
+from ddpm_jax import checkpointing, config_lib, distributed, evaluation, unet
 
 FLAGS = flags.FLAGS
+distributed.define_flags()
 config_flags.DEFINE_config_file(
     "config", None, "Config file of the trained model.", lock_config=True
 )
@@ -34,6 +35,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    distributed.initialize_from_flags()
     config = FLAGS.config
     model_config = config_lib.check_config(config, jax.device_count(), jax.process_count())
     config_lib.check_batch("batch_size", FLAGS.batch_size, jax.device_count(), jax.process_count())

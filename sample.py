@@ -14,9 +14,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ddpm_jax import checkpointing, sampling
+from ddpm_jax import checkpointing, distributed, sampling
 
 FLAGS = flags.FLAGS
+distributed.define_flags()
 config_flags.DEFINE_config_file(
     "config", None, "Config file of the trained model.", lock_config=True
 )
@@ -39,6 +40,7 @@ def load_params():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    distributed.initialize_from_flags()
     out = Path(FLAGS.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sample_fn = sampling.make_sample_fn(FLAGS.config, progress=True)

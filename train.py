@@ -12,9 +12,10 @@ import logging as py_logging
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import train_lib
+from ddpm_jax import distributed, train_lib
 
 FLAGS = flags.FLAGS
+distributed.define_flags()
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and samples.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -30,6 +31,7 @@ class _QuietLibraries(py_logging.Filter):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    distributed.initialize_from_flags()
     py_logging.getLogger("absl").addFilter(_QuietLibraries())
     logging.info("config:\n%s", FLAGS.config)
     train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -1,0 +1,63 @@
+"""One process of the two-process test (multiprocess_test.py); not a test by itself.
+
+python tests/multiprocess_worker.py COORDINATOR PROCESS_ID WORKDIR OUT.npz
+"""
+
+import sys
+from pathlib import Path
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 2)  # two fake devices per process
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from ddpm_jax import (  # noqa: E402
+    checkpointing,
+    config_lib,
+    distributed,
+    sampling,
+    sharding,
+    train_lib,
+)
+
+
+def tiny_config():
+    config = config_lib.load_config(ROOT / "configs" / "tiny.py")
+    config.data.data_dir = str(ROOT.parent / "shared" / "tensorflow_datasets")
+    config.training.sample_every = 0
+    return config
+
+
+def global_batches(num=3, batch=8):
+    rng = np.random.default_rng(0)
+    return [rng.uniform(-1, 1, (batch, 8, 8, 1)).astype(np.float32) for _ in range(num)]
+
+
+def main(coordinator, process_id, workdir, out):
+    distributed.initialize(coordinator, 2, process_id, timeout_s=60)
+    assert jax.process_count() == 2 and jax.device_count() == 4
+    trainer = train_lib.Trainer(tiny_config(), workdir)
+    state = trainer.init()
+    for batch in global_batches():
+        half = batch.shape[0] // 2  # this process's rows of the global batch
+        rows = batch[process_id * half : (process_id + 1) * half]
+        state, _ = trainer.train_step(state, sharding.global_batch(rows, trainer.mesh))
+    manager = checkpointing.make_manager(workdir)
+    checkpointing.save(manager, state)
+    manager.wait_until_finished()
+    samples = sampling.make_sample_fn(tiny_config())(state.ema_params, jax.random.PRNGKey(0), 8)
+    local = lambda a: np.asarray(a.addressable_data(0))  # replicated: every shard is whole
+    params = {
+        "/".join(map(str, k)): local(v)
+        for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]
+    }
+    if process_id == 0:
+        np.savez(out, samples=samples, **params)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
