@@ -65,6 +65,9 @@ def test_two_processes_equal_one_and_checkpoint_moves_between_them(tmp_path):
     restored = checkpointing.restore_params(tmp_path / "work")
     samples = sampling.make_sample_fn(worker.tiny_config())(restored, jax.random.PRNGKey(0), 8)
     np.testing.assert_array_equal(samples, two["samples"])
+    # The training loop ran in both processes: checkpoints of steps 2 and 3, one event log.
+    assert sorted(p.name for p in (tmp_path / "loop" / "checkpoints").iterdir()) == ["2", "3"]
+    assert len(list((tmp_path / "loop" / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
 def test_misconfiguration_fails_fast_and_names_the_setting():

@@ -57,6 +57,10 @@ def main(coordinator, process_id, workdir, out):
     }
     if process_id == 0:
         np.savez(out, samples=samples, **params)
+    # The whole training loop across both processes (each reading its own data shard).
+    loop_config = tiny_config()
+    loop_config.training.update(num_steps=3, checkpoint_every=2, log_every=1)
+    train_lib.train_and_evaluate(loop_config, Path(workdir).parent / "loop")
 
 
 if __name__ == "__main__":
