@@ -40,12 +40,23 @@ def _not_prepared_message(config, split):
     )
 
 
+def _process_shard(builder, split, process_index, process_count):
+    """This process's equal, disjoint part of the split (TFDS subsplits where supported)."""
+    if not isinstance(builder, tfds.folder_dataset.ImageFolder):
+        subsplit = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
+        return builder.as_dataset(split=subsplit, shuffle_files=False)
+    ds = builder.as_dataset(split=split, shuffle_files=False)  # no subsplits: shard by index
+    if split not in builder.info.splits:
+        raise ValueError(f"unknown split {split!r}; the folder has {list(builder.info.splits)}")
+    per_process = builder.info.splits[split].num_examples // process_count
+    return ds.shard(process_count, process_index).take(per_process)
+
+
 def load_split(config, split, process_index=0, process_count=1, count=True):
     """(tf.data.Dataset of uint8 HWC images, its number of examples) for this process."""
     builder = _builder(config)
-    subsplit = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
     try:
-        ds = builder.as_dataset(split=subsplit, shuffle_files=False)
+        ds = _process_shard(builder, split, process_index, process_count)
     except (AssertionError, FileNotFoundError, tf.errors.NotFoundError) as e:
         raise ValueError(_not_prepared_message(config, split)) from e
     except ValueError as e:

@@ -119,3 +119,24 @@ def test_missing_data_fails_at_once_with_instructions(tmp_path, data, word):
 def test_wrong_channel_count():
     with pytest.raises(ValueError, match="num_channels"):
         next(input_pipeline.train_iterator(mnist_config(num_channels=3), 4, seed=0))
+
+
+def test_users_own_image_folder(tmp_path):
+    """folder:/path reads root/<split>/<label>/*.png through tfds.folder_dataset.ImageFolder."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        folder = tmp_path / "train" / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    config = config_lib.load_config(ROOT / "configs" / "cifar.py")
+    config.data.update(dataset=f"folder:{tmp_path}", image_size=16, shuffle_buffer=10)
+    input_pipeline.check_dataset(config, "train")
+    batch = next(input_pipeline.train_iterator(config, 4, seed=0))
+    assert batch.shape == (4, 16, 16, 3) and -1 <= batch.min() < batch.max() <= 1
+    with pytest.raises(ValueError, match="cannot give split|no split"):
+        input_pipeline.check_dataset(config, "test")
+    config.data.eval_split = "train"  # two processes: equal, disjoint halves of the 6 images
+    (a, n0), (b, n1) = digest_split(config, 0, 2), digest_split(config, 1, 2)
+    assert n0 == n1 == 3 and not a & b and len(a | b) == 6

@@ -64,13 +64,16 @@ def test_exact_predictor_samples_the_data_distribution():
 
     keys = sampling.example_keys(jax.random.key(2), 4000)
     x_T = sampling.initial_noise(keys, (2, 2, 1), 1000)
-    run = jax.jit(
-        lambda x: sampling.sample_loop(sched, exact_eps, x, keys, "eps", "fixedsmall", False)
-    )
-    x0 = np.asarray(run(x_T)).ravel()
-    n = x0.size
-    assert abs(x0.mean() - m) < 4 * s / np.sqrt(n)
-    assert abs(x0.var() / s**2 - 1) < 4 * np.sqrt(2 / n) + 0.01
+    for eta in (None, 0.0):  # ancestral (Algorithm 2), and deterministic DDIM over all steps
+        run = jax.jit(
+            lambda x, eta=eta: sampling.sample_loop(
+                sched, exact_eps, x, keys, "eps", "fixedsmall", False, eta=eta
+            )
+        )
+        x0 = np.asarray(run(x_T)).ravel()
+        n = x0.size
+        assert abs(x0.mean() - m) < 4 * s / np.sqrt(n)
+        assert abs(x0.var() / s**2 - 1) < 4 * np.sqrt(2 / n) + 0.01
 
 
 def test_sample_fn_devices_chunks_and_one_trace(tiny_model):
