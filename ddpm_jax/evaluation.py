@@ -32,8 +32,8 @@ def jit_bpd_step(config, model, sched, mesh):
 
 def evaluate_bpd(config, model, sched, params, batch_size, seed=0, devices=None, max_batches=None):
     """The bound for every example of config.data.eval_split (or its first max_batches
-    batches of the global batch_size). Returns per-example arrays (N, ...) in dataset order
-    within each process, process 0's first."""
+    batches of the global batch_size). Returns per-example arrays (N, ...): batch by batch,
+    each batch's rows in process order."""
     mesh = sharding.make_mesh(devices)
     step = jit_bpd_step(config, model, sched, mesh)
     per_process = sharding.per_process_batch_size(batch_size)
@@ -41,20 +41,16 @@ def evaluate_bpd(config, model, sched, params, batch_size, seed=0, devices=None,
         config, per_process, jax.process_index(), jax.process_count()
     )
     params = jax.device_put(params, sharding.replicated(mesh))
-    rng, rows = jax.random.PRNGKey(seed), []
+    rng, outs, masks = jax.random.PRNGKey(seed), [], []
     for i, (x0, mask) in enumerate(ds.as_numpy_iterator()):
         if max_batches is not None and i >= max_batches:
             break
-        out = step(params, sharding.global_batch(x0, mesh), jax.random.fold_in(rng, i))
-        out = multihost_utils.process_allgather(out, tiled=True)
-        keep = (
-            np.asarray(
-                multihost_utils.process_allgather(sharding.global_batch(mask, mesh), tiled=True)
-            )
-            > 0
-        )
-        rows.append({k: np.asarray(v)[keep] for k, v in out.items()})
-    return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+        outs.append(step(params, sharding.global_batch(x0, mesh), jax.random.fold_in(rng, i)))
+        masks.append(sharding.global_batch(mask, mesh))
+    # One gather to every host, at the end; padded examples are dropped.
+    outs, masks = multihost_utils.process_allgather((outs, masks), tiled=True)
+    keep = np.concatenate([np.asarray(m) for m in masks]) > 0
+    return {k: np.concatenate([np.asarray(o[k]) for o in outs])[keep] for k in outs[0]}
 
 
 def summarize_bpd(result):

@@ -183,11 +183,11 @@ def make_sample_fn(config, devices=None, progress=False):
             raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
         params = jax.device_put(params, sharding.replicated(mesh))
         starts = range(0, num_samples, chunk)
-        chunks = []
+        chunks = []  # kept on the devices; gathered to every host once, at the end
         for start in tqdm.tqdm(starts, unit="chunk", disable=not progress):
-            x = jitted(params, rng, jnp.asarray(start, jnp.int32))
-            chunks.append(np.asarray(multihost_utils.process_allgather(x, tiled=True)))
-        images = np.concatenate(chunks)[:num_samples]
+            chunks.append(jitted(params, rng, jnp.asarray(start, jnp.int32)).block_until_ready())
+        gathered = multihost_utils.process_allgather(chunks, tiled=True)
+        images = np.concatenate([np.asarray(c) for c in gathered])[:num_samples]
         return to_uint8(images) if output == "uint8" else images
 
     sample_fn.jitted = jitted  # exposed so that callers can check it compiles once
