@@ -8,8 +8,6 @@ from pathlib import Path
 
 import jax
 
-jax.config.update("jax_num_cpu_devices", 2)  # two fake devices per process
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -64,4 +62,6 @@ def main(coordinator, process_id, workdir, out):
 
 
 if __name__ == "__main__":
+    # Two fake devices per process; set here, not at import (the test imports this module).
+    jax.config.update("jax_num_cpu_devices", 2)
     main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
