@@ -19,17 +19,9 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from unet_bench import timed  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 from ddpm_jax import config_lib, sampling, unet  # noqa: E402
-
-
-def best_time(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def sampler(config, model, num_timesteps, batch):
@@ -69,10 +61,10 @@ def main():
     t = jnp.full((args.batch,), 500, jnp.int32)
     params = jax.jit(model.init)(jax.random.key(1), x[:1], t[:1])["params"]
 
-    forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
-    one = best_time(forward, params, x, t, repeats=args.repeats)
-    full = jax.jit(sampler(config_lib.load_config(args.config), model, args.steps, args.batch))
-    whole = best_time(full, params, jax.random.PRNGKey(0), repeats=args.repeats)
+    forward = lambda p, x, t: model.apply({"params": p}, x, t)
+    one = timed(forward, params, x, t, repeats=args.repeats)[1]
+    full = sampler(config_lib.load_config(args.config), model, args.steps, args.batch)
+    whole = timed(full, params, jax.random.PRNGKey(0), repeats=args.repeats)[1]
     print(f"network forward, batch {args.batch}: {one * 1e3:.1f} ms")
     rate = args.batch * args.steps / whole
     print(f"sampler, {args.steps} steps: {whole:.2f} s = {rate:.1f} image-steps/s")
