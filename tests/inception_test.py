@@ -1,0 +1,72 @@
+"""The FID Inception in JAX against the reference outputs in ../shared/fid."""
+
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from ddpm_jax import evaluation, inception
+
+FID_DIR = Path(__file__).resolve().parents[2] / "shared" / "fid"
+
+
+@pytest.fixture(scope="module")
+def net():
+    params = inception.load_params(FID_DIR / "inception-2015-12-05.pt")
+    return params, jax.jit(inception.features), np.load(FID_DIR / "reference.npz")
+
+
+def test_conv_settings_match_the_network_file(net):
+    params, _, _ = net
+    pattern = re.compile(
+        r"^net\.layers\.(\S+)\tConv2dLayer\t.*kernel=\((\d+), (\d+)\) stride=(\d) padding=(.*)$"
+    )
+    rows = [pattern.match(line) for line in (FID_DIR / "layers.txt").read_text().splitlines()]
+    rows = [m for m in rows if m]
+    assert len(rows) == len(params) == 94
+    for m in rows:
+        name, kh, kw, stride, pad = m.groups()
+        pad = [int(pad)] * 2 if pad.isdigit() else [int(v) for v in pad.strip("[]").split(",")]
+        assert params[name]["kernel"].shape[:2] == (int(kh), int(kw))
+        assert inception.conv_settings(name, params[name]["kernel"].shape) == (
+            int(stride),
+            ((pad[0], pad[0]), (pad[1], pad[1])),
+        ), name
+
+
+def test_features_match_the_reference(net):
+    params, features, ref = net
+    out = np.asarray(features(params, inception.preprocess(ref["images"])))
+    np.testing.assert_allclose(out, ref["features_f64"], atol=1e-4)
+    # 32x32 images through the TF1-legacy resize, as for CIFAR10 samples.
+    out32 = np.asarray(features(params, inception.preprocess(ref["images_32"])))
+    np.testing.assert_allclose(out32, ref["features_32_nvresize"], atol=1e-4)
+    assert (
+        np.max(np.abs(out32 - ref["features_32_torch_bilinear"])) > 0.1
+    )  # the other resize differs
+
+
+def test_legacy_resize_matches_the_reference():
+    ref = np.load(FID_DIR / "reference.npz")
+    resized = np.asarray(inception.preprocess(ref["images_32"][[0, 4]])) * 128 + 128
+    np.testing.assert_allclose(resized, ref["resized_32_nvresize_idx0_4"], atol=2e-3)
+    np.testing.assert_allclose(inception.legacy_resize_matrix(299), np.eye(299), atol=1e-12)
+
+
+def test_mnist_features_and_a_small_fid(net):
+    params, features, ref = net
+    images = ref["mnist_images"]
+    out = np.asarray(features(params, inception.preprocess(images[:8])))
+    np.testing.assert_allclose(out, ref["mnist_features_nvresize_first8"], atol=1e-4)
+    mu, _ = evaluation.feature_statistics(out)
+    assert mu.shape == (2048,) and np.all(out >= 0)
+
+
+def test_refuses_other_files(tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not the TorchScript FID Inception"):
+        inception.load_params(tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="299"):
+        inception.features({}, np.zeros((1, 32, 32, 3), np.float32))
