@@ -1,25 +1,27 @@
-"""Evaluate a trained model: the test-set bound (NLL) in bits/dim.
+"""Evaluate a trained model (the EMA parameters of its latest checkpoint).
 
-    python evaluate.py --config configs/cifar.py --workdir /tmp/ddpm_cifar10
-    python evaluate.py --config configs/mnist.py --workdir /tmp/ddpm_mnist --max_batches 2
+    python evaluate.py --config configs/cifar.py --workdir /tmp/ddpm_cifar10 \
+        --eval nll,fid,is --config.eval.inception_path=/path/to/inception-2015-12-05.pt
 
-Uses the EMA parameters of the latest checkpoint and every example of
-config.data.eval_split (or the first --max_batches batches), all T steps, the
-discretized decoder and the prior term. Writes WORKDIR/eval/nll_step_N.json (mean,
-standard error, prior and decoder terms), nll_step_N.npz (per-step terms, rate and
-distortion for the paper's Fig. 5) and TensorBoard scalars.
+Modes (--eval, comma-separated):
+  nll       the variational bound in bits/dim over every example of config.data.eval_split
+            (all T steps, discretized decoder, prior term), mean ± standard error, with the
+            per-step terms and the rate / distortion curve (npz and PNG, the paper's Fig. 5);
+  fid       FID of --num_samples samples (default config.eval.num_samples = 50k, as the
+            paper) against config.eval.fid_split (the paper: train), whose statistics are
+            cached in config.eval.stats_dir;
+  is        Inception Score over 10 splits (needs a network file with its classifier);
+  fid_data  FID of config.eval.fid_split against --other_split: a real-data baseline.
+Writes WORKDIR/eval/step_N.json and TensorBoard scalars (eval/nll_bpd, eval/fid, ...).
 """
 
 import json
-from pathlib import Path
 
 import jax
-import numpy as np
-import tensorflow as tf
 from absl import app, flags
 from ml_collections import config_flags
 
-from ddpm_jax import checkpointing, config_lib, distributed, evaluation, unet
+from ddpm_jax import checkpointing, config_lib, distributed, eval_lib
 
 FLAGS = flags.FLAGS
 distributed.define_flags()
@@ -27,8 +29,12 @@ config_flags.DEFINE_config_file(
     "config", None, "Config file of the trained model.", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint is evaluated).")
-flags.DEFINE_integer("batch_size", 64, "Global evaluation batch size.", lower_bound=1)
-flags.DEFINE_integer("max_batches", None, "Evaluate only this many batches.", lower_bound=1)
+flags.DEFINE_list("eval", ["nll", "fid"], f"Modes, comma-separated, among {eval_lib.MODES}.")
+flags.DEFINE_integer("num_samples", None, "FID / IS samples (default config.eval.num_samples).")
+flags.DEFINE_integer("batch_size", None, "Global batch (default config.eval.batch_size).")
+flags.DEFINE_integer("max_batches", None, "Bound on only this many batches.", lower_bound=1)
+flags.DEFINE_string("other_split", None, "fid_data: the split compared with fid_split.")
+flags.DEFINE_integer("seed", 0, "Seed of the samples and of the bound's noise.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -37,28 +43,25 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     distributed.initialize_from_flags()
     config = FLAGS.config
-    model_config = config_lib.check_config(config, jax.device_count(), jax.process_count())
-    config_lib.check_batch("batch_size", FLAGS.batch_size, jax.device_count(), jax.process_count())
+    config_lib.check_config(config, jax.device_count(), jax.process_count())
+    eval_lib.check_modes(FLAGS.eval)
+    batch_size = FLAGS.batch_size or config.eval.batch_size
+    config_lib.check_batch("eval.batch_size", batch_size, jax.device_count(), jax.process_count())
     step = int(checkpointing.latest_step_dir(FLAGS.workdir).parent.name)
-    params = checkpointing.restore_params(FLAGS.workdir)
-    model, sched = unet.UNet(model_config), config_lib.make_schedule(config)
-    result = evaluation.evaluate_bpd(
-        config, model, sched, params, FLAGS.batch_size, max_batches=FLAGS.max_batches
+    scalars, arrays = eval_lib.run(
+        config,
+        checkpointing.restore_params(FLAGS.workdir),
+        FLAGS.eval,
+        FLAGS.num_samples or config.eval.num_samples,
+        batch_size,
+        max_batches=FLAGS.max_batches,
+        other_split=FLAGS.other_split,
+        seed=FLAGS.seed,
+        progress=True,
     )
-    summary = evaluation.summarize_bpd(result)
-    if jax.process_index() != 0:
-        return
-    out = Path(FLAGS.workdir) / "eval"
-    out.mkdir(exist_ok=True)
-    arrays = {k: v for k, v in summary.items() if isinstance(v, np.ndarray)}
-    scalars = {k: v for k, v in summary.items() if k not in arrays}
-    np.savez(out / f"nll_step_{step}.npz", **arrays)
-    (out / f"nll_step_{step}.json").write_text(json.dumps(dict(scalars, step=step), indent=1))
-    with tf.summary.create_file_writer(str(Path(FLAGS.workdir) / "tensorboard")).as_default(
-        step=step
-    ):
-        tf.summary.scalar("eval/nll_bpd", scalars["bpd"])
-    print(json.dumps(dict(scalars, step=step)))
+    eval_lib.write_results(FLAGS.workdir, step, scalars, arrays)
+    if jax.process_index() == 0:
+        print(json.dumps(dict(scalars, step=step)))
 
 
 if __name__ == "__main__":

@@ -64,4 +64,14 @@ def get_config():
     config.sampling.method = "ancestral"  # Algorithm 2; or "ddim" (Song et al. 2021)
     config.sampling.eta = 0.0  # DDIM only: 0 deterministic, 1 ancestral-like
     config.sampling.num_steps = 0  # 0: all T steps; fewer: an evenly respaced chain
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 128  # global: bound and dataset-feature batches
+    config.eval.num_samples = 50_000  # evaluate.py FID / IS samples, as the paper
+    config.eval.fid_split = "train"  # the paper's FID reference set
+    config.eval.inception_path = ml_collections.config_dict.placeholder(str)  # FID network file
+    config.eval.stats_dir = ml_collections.config_dict.placeholder(str)  # None: ~/.cache/...
+    config.eval.every = 50_000  # evaluate during training every this many steps; 0: never
+    config.eval.nll_batches = 1  # ... the bound on this many eval batches (0: skip)
+    config.eval.fid_samples = 1_000  # ... FID of this many samples, if inception_path is set
     return config

@@ -34,4 +34,8 @@ def get_config():
     config.training.sample_every = 2_000
     config.training.num_sample_images = 36
     config.sampling.batch_size = 64
+    config.eval.batch_size = 16
+    config.eval.fid_split = "test"
+    config.eval.every = 2_000  # the bound on 16 test images, ~1 minute on 2 CPU cores
+    config.eval.fid_samples = 0  # 1000-step samples are slow on a CPU; FID via evaluate.py
     return config

@@ -26,4 +26,8 @@ def get_config():
     config.training.sample_every = 6
     config.training.num_sample_images = 4
     config.sampling.batch_size = 4
+    config.eval.batch_size = 8
+    config.eval.num_samples = 8
+    config.eval.nll_batches = 1
+    config.eval.fid_samples = 8
     return config

@@ -97,4 +97,16 @@ def check_config(config, num_devices=1, num_processes=1):
         raise ValueError(
             "config.training: learning_rate and grad_clip must be > 0, warmup_steps >= 0"
         )
+    check_eval(config, num_devices, num_processes)
     return model
+
+
+def check_eval(config, num_devices=1, num_processes=1):
+    e = config.eval
+    check_batch("eval.batch_size", e.batch_size, num_devices, num_processes)
+    if min(e.every, e.nll_batches, e.fid_samples) < 0 or e.num_samples < 1:
+        raise ValueError(
+            "config.eval: every, nll_batches and fid_samples must be >= 0, num_samples >= 1"
+        )
+    if e.fid_samples and e.fid_samples < 2:
+        raise ValueError("config.eval.fid_samples must be 0 (no FID) or at least 2")

@@ -214,18 +214,29 @@ def training_losses(sched: Schedule, model_output, x0, x_t, t, eps, loss_type, m
 # ---- The full variational bound ---------------------------------------------------------
 
 
+def _step_noise(rng, t, x0):
+    """ε ~ N(0, I) for step t from fold_in(rng, t), or per example from fold_in(key_i, t)."""
+    typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    if rng.ndim == (1 if typed else 2):
+        noise = lambda k: jax.random.normal(jax.random.fold_in(k, t), x0.shape[1:], x0.dtype)
+        return jax.vmap(noise)(rng)
+    return jax.random.normal(jax.random.fold_in(rng, t), x0.shape, x0.dtype)
+
+
 def bpd_loop(sched: Schedule, model_fn, x0, rng, mean_type, var_type, clip_x0=True):
     """The whole bound L = L_T + Σ_{t=1}^T L_{t-1} (eq. 5) in bits/dim, by `lax.scan` over t.
 
-    model_fn(x_t, t) -> network output. Returns per-example `total_bpd` and `prior_bpd` (B,),
-    and per-step `terms_bpd`, `x0_mse`, `eps_mse` (B, T) indexed by 0-based t; the ε of
-    `eps_mse` is the one implied by x̂_0. Memory does not grow with T beyond these tables.
+    model_fn(x_t, t) -> network output. rng is one key, or one key per example (then
+    example i's ε depends on its key alone, not on the batch it is in). Returns per-example
+    `total_bpd` and `prior_bpd` (B,), and per-step `terms_bpd`, `x0_mse`, `eps_mse` (B, T)
+    indexed by 0-based t; the ε of `eps_mse` is the one implied by x̂_0. Memory does not
+    grow with T beyond these tables.
     """
     batch = x0.shape[0]
 
     def step(_, t):
         t_b = jnp.full((batch,), t, dtype=jnp.int32)
-        eps = jax.random.normal(jax.random.fold_in(rng, t), x0.shape, x0.dtype)
+        eps = _step_noise(rng, t, x0)
         x_t = q_sample(sched, x0, t_b, eps)
         vb, x0_pred = vb_terms_bpd(
             sched, model_fn(x_t, t_b), x0, x_t, t_b, mean_type, var_type, clip_x0

@@ -1,4 +1,4 @@
-"""Evaluation: the variational bound in bits/dim over a split, Fréchet distance, IS.
+"""Evaluation: the variational bound (NLL) in bits/dim over a dataset split.
 
 The bound (eq. 5) is computed for every example of the split over all T steps with the
 discretized decoder and the prior term, sharded over devices and processes; its per-step
@@ -9,7 +9,7 @@ import functools
 
 import jax
 import numpy as np
-import scipy.linalg
+import tqdm
 from jax.experimental import multihost_utils
 
 from ddpm_jax import diffusion, input_pipeline, sharding
@@ -25,32 +25,60 @@ def bpd_step(params, x0, rng, *, config, model, sched):
 
 
 def jit_bpd_step(config, model, sched, mesh):
+    """bpd_step jitted: (params, x0, per-example keys) -> per-example arrays."""
     fn = functools.partial(bpd_step, config=config, model=model, sched=sched)
     batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    return jax.jit(fn, in_shardings=(rep, batch, rep), out_shardings=batch)
+    return jax.jit(fn, in_shardings=(rep, batch, batch), out_shardings=batch)
 
 
-def evaluate_bpd(config, model, sched, params, batch_size, seed=0, devices=None, max_batches=None):
-    """The bound for every example of config.data.eval_split (or its first max_batches
-    batches of the global batch_size). Returns per-example arrays (N, ...): batch by batch,
-    each batch's rows in process order."""
-    mesh = sharding.make_mesh(devices)
-    step = jit_bpd_step(config, model, sched, mesh)
+@jax.jit
+def index_keys(rng, index):
+    """One key per example, fold_in(rng, index_i)."""
+    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(index)
+
+
+def map_split(step, config, batch_size, mesh, split=None, max_batches=None, progress=False):
+    """step(x0, index) on every batch of `split` (default config.data.eval_split): x0 is the
+    global batch (batch_size images in [-1, 1]) sharded over the mesh, index each row's
+    position in the split, and step returns per-example arrays. Returns them for every
+    example in the order of the split, padding dropped, gathered to every host once, at
+    the end."""
     per_process = sharding.per_process_batch_size(batch_size)
-    ds, _ = input_pipeline.eval_dataset(
-        config, per_process, jax.process_index(), jax.process_count()
+    ds, num = input_pipeline.eval_dataset(
+        config, per_process, jax.process_index(), jax.process_count(), split
     )
+    total = (
+        -(-num // per_process) if max_batches is None else min(max_batches, -(-num // per_process))
+    )
+    bar = tqdm.tqdm(total=total, unit="batch", disable=not progress or jax.process_index() != 0)
+    outs, masks, indices = [], [], []
+    for x0, mask, index in ds.take(total).as_numpy_iterator():
+        x0, index, mask = sharding.global_batch((x0, index.astype(np.int32), mask), mesh)
+        outs.append(jax.block_until_ready(step(x0, index)))
+        masks.append(mask)
+        indices.append(index)
+        bar.update()
+    bar.close()
+    outs, masks, indices = multihost_utils.process_allgather((outs, masks, indices), tiled=True)
+    keep = np.concatenate(masks) > 0
+    order = np.argsort(np.concatenate(indices)[keep], kind="stable")
+    return jax.tree.map(lambda *o: np.concatenate(o)[keep][order], *outs)
+
+
+def evaluate_bpd(
+    config, model, sched, params, batch_size, seed=0, devices=None, max_batches=None,
+    progress=False,
+):  # fmt: skip
+    """The bound for every example of config.data.eval_split (or its first max_batches
+    batches of the global batch_size): per-example arrays (N, ...) as map_split returns.
+    Example i's noise comes from fold_in(PRNGKey(seed), i): its bound does not depend on
+    the batch size or the number of devices and processes."""
+    mesh = sharding.make_mesh(devices)
+    fn = jit_bpd_step(config, model, sched, mesh)
     params = jax.device_put(params, sharding.replicated(mesh))
-    rng, outs, masks = jax.random.PRNGKey(seed), [], []
-    for i, (x0, mask) in enumerate(ds.as_numpy_iterator()):
-        if max_batches is not None and i >= max_batches:
-            break
-        outs.append(step(params, sharding.global_batch(x0, mesh), jax.random.fold_in(rng, i)))
-        masks.append(sharding.global_batch(mask, mesh))
-    # One gather to every host, at the end; padded examples are dropped.
-    outs, masks = multihost_utils.process_allgather((outs, masks), tiled=True)
-    keep = np.concatenate([np.asarray(m) for m in masks]) > 0
-    return {k: np.concatenate([np.asarray(o[k]) for o in outs])[keep] for k in outs[0]}
+    rng = jax.random.PRNGKey(seed)
+    step = lambda x0, index: fn(params, x0, index_keys(rng, index))
+    return map_split(step, config, batch_size, mesh, max_batches=max_batches, progress=progress)
 
 
 def summarize_bpd(result):
@@ -71,43 +99,3 @@ def summarize_bpd(result):
         rate_bpd=rate,
         distortion_rmse=distortion,
     )
-
-
-# ---- Sample quality ---------------------------------------------------------------------
-
-
-def feature_statistics(features):
-    """Mean and covariance (ddof 1) of (N, D) features, in float64."""
-    features = np.asarray(features, np.float64)
-    return features.mean(0), np.cov(features, rowvar=False)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """FID: |μ1 - μ2|² + tr(Σ1) + tr(Σ2) - 2 tr((Σ1 Σ2)^{1/2}), in float64."""
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(
-            f"statistics differ in shape: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}"
-        )
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.all(np.isfinite(covmean)):  # singular product: regularise as is customary
-        offset = np.eye(sigma1.shape[0]) * 1e-6
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(np.real(covmean)))
-
-
-def inception_score(probs, num_splits=10):
-    """IS = exp(E_x KL(p(y|x) || p(y))) over each of num_splits splits: (mean, std)."""
-    probs = np.asarray(probs, np.float64)
-    if len(probs) < num_splits:
-        raise ValueError(f"need at least num_splits={num_splits} examples, got {len(probs)}")
-    scores = []
-    for part in np.array_split(probs, num_splits):
-        p_y = part.mean(0, keepdims=True)
-        kl = np.sum(
-            part * (np.log(np.maximum(part, 1e-30)) - np.log(np.maximum(p_y, 1e-30))), axis=1
-        )
-        scores.append(np.exp(kl.mean()))
-    return float(np.mean(scores)), float(np.std(scores))

@@ -84,18 +84,57 @@ def load_params(path):
                 walk(value, prefix + key + ".")
 
     walk(top, "")
-    if len(flat) != NUM_TENSORS or sum(a.size for a in flat.values()) != NUM_VALUES:
+    return params_from_tensors(flat, path)
+
+
+def _short_name(name):
+    """'net.layers.mixed_4.tower.conv_1.weight' -> 'mixed_4.tower.conv_1.weight'."""
+    return name.removeprefix("net.").removeprefix("layers.")
+
+
+def params_from_tensors(flat, path="the network file"):
+    """Checks the tensor names and counts, and transposes conv kernels OIHW -> HWIO. The
+    1008-way classifier ('output.weight' (1008, 2048) and 'output.bias'), present in files
+    that keep it, becomes params['output'] = {'kernel' (2048, 1008)}."""
+    flat = {_short_name(k): v for k, v in flat.items()}
+    classifier = {k: flat.pop(k) for k in ("output.weight", "output.bias") if k in flat}
+    count, values = len(flat), sum(a.size for a in flat.values())
+    if count != NUM_TENSORS or values != NUM_VALUES:
         raise ValueError(
-            f"{path} holds {len(flat)} tensors / {sum(a.size for a in flat.values())} values; the "
-            f"FID Inception network has {NUM_TENSORS} / {NUM_VALUES}"
+            f"{path} holds {count} tensors / {values} values besides the classifier; the FID "
+            f"Inception network has {NUM_TENSORS} / {NUM_VALUES}"
         )
     params = collections.defaultdict(dict)
     for name, value in flat.items():
-        layer, leaf = name.removeprefix("net.layers.").rsplit(".", 1)
+        layer, leaf = name.rsplit(".", 1)
+        if leaf not in ("weight", "beta", "mean", "var"):
+            raise ValueError(f"{path}: unexpected tensor {name!r} in the FID Inception network")
         params[layer]["kernel" if leaf == "weight" else leaf] = (
             np.transpose(value, (2, 3, 1, 0)) if leaf == "weight" else value
         )
+    if classifier:
+        if classifier.get("output.weight", np.zeros(0)).shape != (1008, 2048):
+            raise ValueError(
+                f"{path}: the classifier must be 'output.weight' of shape (1008, 2048)"
+            )
+        params["output"] = {"kernel": classifier["output.weight"].T}  # the bias is unused
     return dict(params)
+
+
+def has_classifier(params):
+    return "output" in params
+
+
+def class_probabilities(params, pool3):
+    """p(y|x) over the 1008 outputs, softmax(pool3 · W) without the bias, as the original
+    Inception Score code (and NVIDIA's) computes it."""
+    if not has_classifier(params):
+        raise ValueError(
+            "the Inception Score needs the network's 1008-way classifier, which this network "
+            "file lacks (../shared/fid's copy is features only); pass --inception_path to a "
+            "copy that keeps it, e.g. NVIDIA's metrics file inception-2015-12-05.pt"
+        )
+    return jax.nn.softmax(pool3 @ params["output"]["kernel"], axis=-1)
 
 
 # ---- The network ------------------------------------------------------------------------

@@ -41,22 +41,24 @@ def _not_prepared_message(config, split):
 
 
 def _process_shard(builder, split, process_index, process_count):
-    """This process's equal, disjoint part of the split (TFDS subsplits where supported)."""
+    """This process's equal, disjoint part of the split (TFDS subsplits where supported),
+    and whether it is contiguous (a subsplit) rather than every process_count-th example."""
     if not isinstance(builder, tfds.folder_dataset.ImageFolder):
         subsplit = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
-        return builder.as_dataset(split=subsplit, shuffle_files=False)
+        return builder.as_dataset(split=subsplit, shuffle_files=False), True
     ds = builder.as_dataset(split=split, shuffle_files=False)  # no subsplits: shard by index
     if split not in builder.info.splits:
         raise ValueError(f"unknown split {split!r}; the folder has {list(builder.info.splits)}")
     per_process = builder.info.splits[split].num_examples // process_count
-    return ds.shard(process_count, process_index).take(per_process)
+    return ds.shard(process_count, process_index).take(per_process), False
 
 
-def load_split(config, split, process_index=0, process_count=1, count=True):
-    """(tf.data.Dataset of uint8 HWC images, its number of examples) for this process."""
+def load_split(config, split, process_index=0, process_count=1, count=True, with_index=False):
+    """(tf.data.Dataset of uint8 HWC images, its number of examples) for this process.
+    with_index: elements are (index of the example in the whole split, image)."""
     builder = _builder(config)
     try:
-        ds = _process_shard(builder, split, process_index, process_count)
+        ds, contiguous = _process_shard(builder, split, process_index, process_count)
     except (AssertionError, FileNotFoundError, tf.errors.NotFoundError) as e:
         raise ValueError(_not_prepared_message(config, split)) from e
     except ValueError as e:
@@ -75,6 +77,9 @@ def load_split(config, split, process_index=0, process_count=1, count=True):
         raise ValueError(
             f"split {split!r} of {config.data.dataset!r} is empty for process {process_index}"
         )
+    if with_index:  # equal shards: contiguous blocks, or every process_count-th example
+        start, stride = (process_index * num, 1) if contiguous else (process_index, process_count)
+        ds = ds.enumerate().map(lambda i, image: (start + stride * i, image))
     return ds, num
 
 
@@ -140,14 +145,16 @@ def train_iterator(config, batch_size, seed, start_example=0, process_index=0, p
     return ds.as_numpy_iterator()
 
 
-def eval_dataset(config, batch_size, process_index=0, process_count=1):
-    """One ordered pass over this process's shard of the eval split, no flips; the last
-    batch is padded with copies of the first image, with a 0/1 mask marking real ones."""
-    ds, num = load_split(config, config.data.eval_split, process_index, process_count)
-    ds = ds.map(lambda image: preprocess(image, config.data.image_size, config.data.num_channels))
-    ds = ds.map(lambda image: (image, tf.constant(1.0)))
+def eval_dataset(config, batch_size, process_index=0, process_count=1, split=None):
+    """One ordered pass over this process's shard of `split` (default config.data.eval_split),
+    no flips, as batches (images, mask, index in the split). The last batch is padded with
+    copies of the first image, the 0/1 mask marking real ones."""
+    split = config.data.eval_split if split is None else split
+    ds, num = load_split(config, split, process_index, process_count, with_index=True)
+    size, channels = config.data.image_size, config.data.num_channels
+    ds = ds.map(lambda i, image: (preprocess(image, size, channels), tf.constant(1.0), i))
     pad = (-num) % batch_size
     if pad:
-        first = ds.take(1).map(lambda image, _: (image, tf.constant(0.0))).repeat(pad)
+        first = ds.take(1).map(lambda image, _, i: (image, tf.constant(0.0), i)).repeat(pad)
         ds = ds.concatenate(first)
     return ds.batch(batch_size).prefetch(2), num

@@ -178,17 +178,24 @@ def make_sample_fn(config, devices=None, progress=False):
     )
     jitted = jax.jit(fn, out_shardings=batch_sh)
 
+    def chunks(params, rng, num_samples):
+        """The chunks as sharded device arrays in [-1, 1], the last one possibly longer
+        than needed (samples past num_samples are extra draws of the same stream)."""
+        params = jax.device_put(params, sharding.replicated(mesh))
+        starts = range(0, num_samples, chunk)
+        show = progress and jax.process_index() == 0
+        for start in tqdm.tqdm(starts, unit="chunk", disable=not show):
+            yield jitted(params, rng, jnp.asarray(start, jnp.int32))
+
     def sample_fn(params, rng, num_samples, output="uint8"):
         if output not in ("uint8", "float"):
             raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
-        params = jax.device_put(params, sharding.replicated(mesh))
-        starts = range(0, num_samples, chunk)
-        chunks = []  # kept on the devices; gathered to every host once, at the end
-        for start in tqdm.tqdm(starts, unit="chunk", disable=not progress):
-            chunks.append(jitted(params, rng, jnp.asarray(start, jnp.int32)).block_until_ready())
-        gathered = multihost_utils.process_allgather(chunks, tiled=True)
+        # Kept on the devices; gathered to every host once, at the end.
+        chunks_ = [c.block_until_ready() for c in chunks(params, rng, num_samples)]
+        gathered = multihost_utils.process_allgather(chunks_, tiled=True)
         images = np.concatenate([np.asarray(c) for c in gathered])[:num_samples]
         return to_uint8(images) if output == "uint8" else images
 
     sample_fn.jitted = jitted  # exposed so that callers can check it compiles once
+    sample_fn.chunks = chunks
     return sample_fn

@@ -29,6 +29,7 @@ from ddpm_jax import (
     checkpointing,
     config_lib,
     diffusion,
+    eval_lib,
     input_pipeline,
     sampling,
     sharding,
@@ -311,9 +312,13 @@ def _should_stop(preempt, step, log_every):
 
 
 def train_and_evaluate(config, workdir, devices=None):
-    """Train (or resume) per config in workdir: checkpoints, TensorBoard, sample grids."""
+    """Train (or resume) per config in workdir: checkpoints, TensorBoard, sample grids and
+    periodic evaluation (config.eval.every)."""
     trainer, t = Trainer(config, workdir, devices), config.training
     manager = checkpointing.make_manager(trainer.workdir, t.keep_checkpoints, t.keep_period)
+    evaluator = None
+    if config.eval.every:  # built first: a bad Inception path fails before any compiling
+        evaluator = eval_lib.PeriodicEvaluator(config, trainer.workdir, trainer.mesh.devices)
     state = trainer.restore_or_init(manager)
     start = int(state.step)
     if start >= t.num_steps:
@@ -341,6 +346,8 @@ def train_and_evaluate(config, workdir, devices=None):
                 checkpointing.save(manager, state, force=True)
             if sampler is not None and step % t.sample_every == 0:
                 write_samples(trainer, state, reporter, sampler)
+            if evaluator is not None and step % config.eval.every == 0:
+                logging.info("step %d: eval %s", step, evaluator(state.ema_params, step))
             if stop:
                 break
     manager.wait_until_finished()

@@ -68,10 +68,15 @@ def test_flips():
 
 
 def digest_split(config, process_index, process_count):
+    """{index in the split: image digest} of one process's eval shard, and its size."""
     ds, num = input_pipeline.eval_dataset(config, 100, process_index, process_count)
-    images = np.concatenate([b[0][b[1] > 0] for b in ds.as_numpy_iterator()])
-    assert len(images) == num
-    return {hashlib.sha1(x.tobytes()).hexdigest() for x in images}, num
+    batches = list(ds.as_numpy_iterator())
+    images = np.concatenate([b[0][b[1] > 0] for b in batches])
+    index = np.concatenate([b[2][b[1] > 0] for b in batches])
+    assert len(images) == num == len(set(index.tolist()))
+    return {
+        int(i): hashlib.sha1(x.tobytes()).hexdigest() for i, x in zip(index, images, strict=True)
+    }, num
 
 
 def test_process_shards_are_disjoint_and_complete():
@@ -80,7 +85,9 @@ def test_process_shards_are_disjoint_and_complete():
     shard1, n1 = digest_split(config, 1, 2)
     whole, n = digest_split(config, 0, 1)
     assert n0 == n1 == n // 2 == 5000
-    assert not shard0 & shard1 and shard0 | shard1 == whole
+    # Each example keeps its index in the whole split, whichever process reads it.
+    assert not shard0.keys() & shard1.keys() and shard0 | shard1 == whole
+    assert sorted(whole) == list(range(n))
 
 
 def test_eval_padding_is_masked():
@@ -139,4 +146,5 @@ def test_users_own_image_folder(tmp_path):
         input_pipeline.check_dataset(config, "test")
     config.data.eval_split = "train"  # two processes: equal, disjoint halves of the 6 images
     (a, n0), (b, n1) = digest_split(config, 0, 2), digest_split(config, 1, 2)
-    assert n0 == n1 == 3 and not a & b and len(a | b) == 6
+    whole, _ = digest_split(config, 0, 1)
+    assert n0 == n1 == 3 and not a.keys() & b.keys() and a | b == whole and len(whole) == 6

@@ -1,5 +1,6 @@
 """Two real processes on 127.0.0.1 (gloo, two fake devices each) against one process."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -65,9 +66,14 @@ def test_two_processes_equal_one_and_checkpoint_moves_between_them(tmp_path):
     restored = checkpointing.restore_params(tmp_path / "work")
     samples = sampling.make_sample_fn(worker.tiny_config())(restored, jax.random.PRNGKey(0), 8)
     np.testing.assert_array_equal(samples, two["samples"])
+    # The bound over a split read half by half in two processes = one process.
+    np.testing.assert_allclose(two["total_bpd"], worker.eval_bpd(restored), rtol=1e-5)
+    assert two["total_bpd"].shape == (12,)
     # The training loop ran in both processes: checkpoints of steps 2 and 3, one event log.
     assert sorted(p.name for p in (tmp_path / "loop" / "checkpoints").iterdir()) == ["2", "3"]
-    assert len(list((tmp_path / "loop" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    events = (tmp_path / "loop" / "tensorboard").glob("events.out.tfevents.*")
+    assert len(list(events)) == 2  # training's, and the periodic evaluation's
+    assert json.loads((tmp_path / "loop" / "eval" / "step_3.json").read_text())["bpd"] > 0
 
 
 def test_misconfiguration_fails_fast_and_names_the_setting():

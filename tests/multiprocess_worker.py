@@ -17,9 +17,11 @@ from ddpm_jax import (  # noqa: E402
     checkpointing,
     config_lib,
     distributed,
+    evaluation,
     sampling,
     sharding,
     train_lib,
+    unet,
 )
 
 
@@ -33,6 +35,14 @@ def tiny_config():
 def global_batches(num=3, batch=8):
     rng = np.random.default_rng(0)
     return [rng.uniform(-1, 1, (batch, 8, 8, 1)).astype(np.float32) for _ in range(num)]
+
+
+def eval_bpd(params):
+    """The bound on test[:12] (batches of 8: the second one padded)."""
+    config = tiny_config()
+    config.data.eval_split = "test[:12]"
+    model, sched = unet.UNet(config_lib.unet_config(config)), config_lib.make_schedule(config)
+    return evaluation.evaluate_bpd(config, model, sched, params, batch_size=8)["total_bpd"]
 
 
 def main(coordinator, process_id, workdir, out):
@@ -53,11 +63,13 @@ def main(coordinator, process_id, workdir, out):
         "/".join(map(str, k)): local(v)
         for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]
     }
+    bpd = eval_bpd(state.ema_params)  # each process reads its half of the split
     if process_id == 0:
-        np.savez(out, samples=samples, **params)
+        np.savez(out, samples=samples, total_bpd=bpd, **params)
     # The whole training loop across both processes (each reading its own data shard).
     loop_config = tiny_config()
     loop_config.training.update(num_steps=3, checkpoint_every=2, log_every=1)
+    loop_config.eval.update(every=3, nll_batches=1, fid_samples=0)
     train_lib.train_and_evaluate(loop_config, Path(workdir).parent / "loop")
 
 

@@ -13,6 +13,7 @@ from ddpm_jax import checkpointing, config_lib, train_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT.parent / "shared" / "tensorflow_datasets"
+FID_DIR = ROOT.parent / "shared" / "fid"
 
 
 def run_train(workdir, *overrides):
@@ -44,7 +45,7 @@ def test_train_py_rejects_a_bad_override_at_once(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_evaluate_py_writes_the_bound(tmp_path):
+def test_evaluate_py_writes_the_bound_and_fids(tmp_path):
     # A checkpoint written from this process's 4 devices, evaluated by a 2-device process.
     config = config_lib.load_config(ROOT / "configs" / "tiny.py")
     config.data.data_dir = str(DATA_DIR)
@@ -54,12 +55,19 @@ def test_evaluate_py_writes_the_bound(tmp_path):
     manager.wait_until_finished()
     cmd = [sys.executable, str(ROOT / "evaluate.py"), "--config", str(ROOT / "configs" / "tiny.py")]
     cmd += ["--workdir", str(tmp_path), f"--config.data.data_dir={DATA_DIR}", "--batch_size=4"]
-    cmd += ["--max_batches=2"]
+    cmd += ["--max_batches=2", "--eval=nll,fid,fid_data", "--num_samples=4"]
+    cmd += ["--config.eval.fid_split=test[:4]", "--other_split=test[4:8]"]
+    cmd += [f"--config.eval.inception_path={FID_DIR / 'inception-2015-12-05.pt'}"]
+    cmd += [f"--config.eval.stats_dir={tmp_path / 'stats'}"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((tmp_path / "eval" / "nll_step_2.json").read_text())
+    summary = json.loads((tmp_path / "eval" / "step_2.json").read_text())
     assert summary["num_examples"] == 8 and summary["bpd"] > summary["decoder_bpd"] > 0
+    assert summary["num_samples"] == 4 and summary["fid"] > summary["fid_data"] > 0
+    assert summary["fid_reference"] == "mnist test[:4]" and summary["fid_data_examples"] == 4
     arrays = np.load(tmp_path / "eval" / "nll_step_2.npz")
     assert arrays["terms_bpd"].shape == (20,)
     np.testing.assert_allclose(arrays["rate_bpd"][0], summary["bpd"], rtol=1e-5)
+    assert (tmp_path / "eval" / "rate_distortion_step_2.png").is_file()
+    assert len(list((tmp_path / "stats").glob("*.npz"))) == 2

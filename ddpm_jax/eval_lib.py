@@ -1,0 +1,153 @@
+"""Evaluation runs: the modes of evaluate.py and periodic evaluation during training.
+
+Results go to WORKDIR/eval/step_<N>.json (process 0), TensorBoard scalars under eval/,
+and for the bound also nll_step_<N>.npz (per-step terms, rate, distortion) and
+rate_distortion_step_<N>.png (the paper's Fig. 5).
+"""
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from ddpm_jax import config_lib, evaluation, fid, input_pipeline, plots, unet
+
+MODES = ("nll", "fid", "is", "fid_data")
+TB_NAMES = {"bpd": "nll_bpd", "fid": "fid", "is": "inception_score"}
+
+
+def stats_dir(config):
+    """config.eval.stats_dir, or ~/.cache/ddpm_jax/fid_stats."""
+    if config.eval.stats_dir:
+        return Path(config.eval.stats_dir)
+    cache = os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
+    return Path(cache) / "ddpm_jax" / "fid_stats"
+
+
+def check_modes(modes, network=None):
+    """Unknown modes, and IS without the classifier, fail before any work."""
+    unknown = set(modes) - set(MODES)
+    if unknown or not modes:
+        raise ValueError(f"evaluation modes must be among {MODES}, got {list(modes)}")
+    if "is" in modes and network is not None:
+        fid.inception.class_probabilities(network[0], np.zeros((1, 2048), np.float32))
+
+
+def nll(config, params, batch_size, max_batches=None, progress=False, devices=None):
+    """(scalars, arrays) of the bound over config.data.eval_split."""
+    model, sched = unet.UNet(config_lib.unet_config(config)), config_lib.make_schedule(config)
+    result = evaluation.evaluate_bpd(
+        config, model, sched, params, batch_size, devices=devices, max_batches=max_batches,
+        progress=progress,
+    )  # fmt: skip
+    summary = evaluation.summarize_bpd(result)
+    arrays = {k: v for k, v in summary.items() if isinstance(v, np.ndarray)}
+    return {k: v for k, v in summary.items() if k not in arrays}, arrays
+
+
+def write_results(workdir, step, scalars, arrays=None):
+    """step_<N>.json (merged with what an earlier run at this step wrote), TensorBoard
+    scalars and, for the bound, the npz and the plot. Process 0 only."""
+    if jax.process_index() != 0:
+        return
+    out = Path(workdir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"step_{step}.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps(dict(old, **scalars, step=step), indent=1))
+    if arrays:
+        np.savez(out / f"nll_step_{step}.npz", **arrays)
+        plots.rate_distortion_png(
+            out / f"rate_distortion_step_{step}.png",
+            arrays["rate_bpd"],
+            arrays["distortion_rmse"],
+        )
+    writer = tf.summary.create_file_writer(str(Path(workdir) / "tensorboard"))
+    with writer.as_default(step=step):
+        for key, name in TB_NAMES.items():
+            if key in scalars:
+                tf.summary.scalar(f"eval/{name}", scalars[key])
+    writer.close()
+
+
+def reference_statistics(config, network, batch_size, progress=False, devices=None):
+    """(μ, Σ, N) of config.eval.fid_split, from the cache or computed and cached."""
+    return fid.dataset_statistics(
+        config, network, config.eval.fid_split, stats_dir(config), batch_size, devices, progress
+    )
+
+
+def run(config, params, modes, num_samples, batch_size, max_batches=None, other_split=None,
+        seed=0, **kwargs):  # fmt: skip
+    """The asked-for modes -> (scalars, arrays). max_batches limits the bound; fid_data is
+    the FID of config.eval.fid_split against other_split (a real-data baseline); kwargs:
+    progress, devices."""
+    network = None
+    if {"fid", "is", "fid_data"} & set(modes):
+        network = fid.load_network(config.eval.inception_path)
+    check_modes(modes, network)
+    if "fid_data" in modes and not other_split:
+        raise ValueError("mode fid_data needs the split to compare with (--other_split)")
+    scalars, arrays, reference = {}, None, None
+    if "nll" in modes:
+        scalars, arrays = nll(config, params, batch_size, max_batches, **kwargs)
+    if {"fid", "fid_data"} & set(modes):
+        reference = reference_statistics(config, network, batch_size, **kwargs)
+        scalars["fid_reference"] = f"{config.data.dataset} {config.eval.fid_split}"
+        scalars["fid_reference_examples"] = reference[2]
+    if {"fid", "is"} & set(modes):
+        ref = reference if "fid" in modes else None
+        scalars.update(
+            fid.sample_quality(config, params, network, num_samples, ref, seed, **kwargs)
+        )
+    if "fid_data" in modes:
+        mu, sigma, n = fid.dataset_statistics(
+            config, network, other_split, stats_dir(config), batch_size, **kwargs
+        )
+        scalars.update(fid_data=fid.frechet_distance(*reference[:2], mu, sigma))
+        scalars.update(fid_data_split=other_split, fid_data_examples=n)
+    return scalars, arrays
+
+
+class PeriodicEvaluator:
+    """Evaluation every config.eval.every training steps on a small budget: the bound on
+    config.eval.nll_batches batches and FID of config.eval.fid_samples samples (FID only
+    when config.eval.inception_path is set). The reference statistics are read or
+    computed when the evaluator is built, before training starts."""
+
+    def __init__(self, config, workdir, devices=None):
+        self.config, self.workdir, self.devices = config, workdir, devices
+        e = config.eval
+        self.modes = (["nll"] if e.nll_batches else []) + (["fid"] if e.fid_samples else [])
+        if "fid" in self.modes and not e.inception_path:
+            logging.warning("periodic FID is off: set config.eval.inception_path to turn it on")
+            self.modes.remove("fid")
+        if "nll" in self.modes:
+            input_pipeline.check_dataset(config, config.data.eval_split)
+        self.network = self.reference = None
+        if "fid" in self.modes:
+            self.network = fid.load_network(e.inception_path)
+            self.reference = reference_statistics(
+                config, self.network, e.batch_size, False, devices
+            )
+
+    def __call__(self, ema_params, step):
+        """Evaluates and writes the results; returns the scalars."""
+        e, scalars, arrays = self.config.eval, {}, None
+        if "nll" in self.modes:
+            scalars, arrays = nll(
+                self.config, ema_params, e.batch_size, e.nll_batches, devices=self.devices
+            )
+        if "fid" in self.modes:
+            scalars.update(
+                fid.sample_quality(
+                    self.config, ema_params, self.network, e.fid_samples, self.reference,
+                    devices=self.devices,
+                )
+            )  # fmt: skip
+        write_results(self.workdir, step, scalars, arrays)
+        return scalars

@@ -1,0 +1,192 @@
+"""Sample quality: FID and Inception Score with the FID Inception-v3 (ddpm_jax.inception).
+
+Images enter as pixels k = round((x + 1) · 127.5) in 0..255 (what `sampling.to_uint8`
+saves), are resized to 299x299 with TF1's legacy bilinear resize and scaled to
+(k - 128) / 128: the convention of the TF graph behind the usual FID numbers. Grey
+images are repeated to 3 channels.
+
+The reference statistics (μ, Σ of the 2048-d pool3 features over every example of a
+dataset split, after the training pipeline's resize to config.data.image_size) are cached
+as STATS_DIR/<dataset>_<split>_<H>x<W>x<C>.npz. The paper's FID is against the training
+set (Ho et al. 2020, Table 1: 3.17 on CIFAR10 train, 5.24 on test).
+"""
+
+import hashlib
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+from jax.experimental import multihost_utils
+
+from ddpm_jax import evaluation, inception, sampling, sharding
+
+# ---- The formulas ------------------------------------------------------------------------
+
+
+def feature_statistics(features):
+    """Mean and covariance (ddof 1) of (N, D) features, in float64."""
+    features = np.asarray(features, np.float64)
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """FID: |μ1 - μ2|² + tr(Σ1) + tr(Σ2) - 2 tr((Σ1 Σ2)^{1/2}), in float64. With fewer than
+    2049 examples Σ is singular; the value is still defined but biased upward (small N)."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(
+            f"statistics differ in shape: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}"
+        )
+    with warnings.catch_warnings():  # a singular product is handled below
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.all(np.isfinite(covmean)):  # singular product: regularise as is customary
+        offset = np.eye(sigma1.shape[0]) * 1e-6
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(np.real(covmean)))
+
+
+def inception_score(probs, num_splits=10):
+    """IS = exp(E_x KL(p(y|x) || p(y))) over each of num_splits splits: (mean, std)."""
+    probs = np.asarray(probs, np.float64)
+    if len(probs) < num_splits:
+        raise ValueError(f"need at least num_splits={num_splits} examples, got {len(probs)}")
+    scores = []
+    for part in np.array_split(probs, num_splits):
+        log_p_y = np.log(np.maximum(part.mean(0, keepdims=True), 1e-30))
+        kl = np.sum(part * (np.log(np.maximum(part, 1e-30)) - log_p_y), axis=1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# ---- Activations -------------------------------------------------------------------------
+
+
+def activations(params, x):
+    """Images x in [-1, 1] (NHWC, 1 or 3 channels) -> {'pool3': (B, 2048)} and, when the
+    network has its classifier, 'probs': (B, 1008)."""
+    pixels = jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255)  # = sampling.to_uint8
+    pool3 = inception.features(params, inception.preprocess(pixels))
+    out = {"pool3": pool3}
+    if inception.has_classifier(params):
+        out["probs"] = inception.class_probabilities(params, pool3)
+    return out
+
+
+def make_activations_fn(inception_params, mesh):
+    """activations as one jitted function of a batch sharded over the mesh."""
+    rep, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    params = jax.device_put(inception_params, rep)
+    jitted = jax.jit(activations, in_shardings=(rep, batch), out_shardings=batch)
+    return lambda x: jitted(params, x)
+
+
+def network_id(path):
+    """The first 16 hex digits of the network file's sha256 (stored with cached statistics)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def load_network(path):
+    """(params, network_id) of the Inception file, or a clear error saying how to get it."""
+    if path is None or not Path(path).is_file():
+        raise ValueError(
+            f"FID/IS need the Inception network file, and {path!r} is not one; pass "
+            "--config.eval.inception_path=/path/to/inception-2015-12-05.pt (README: 'FID and IS')"
+        )
+    return inception.load_params(path), network_id(path)
+
+
+# ---- Reference statistics of a dataset split --------------------------------------------
+
+
+def stats_path(stats_dir, config, split):
+    """<dataset>_<split>_<H>x<W>x<C>_<hash>.npz: readable, and the hash of the exact
+    (dataset, split) strings keeps 'test[:5000]' and 'test[5000:]' apart."""
+    d = config.data
+    name = "_".join(re.sub(r"[^A-Za-z0-9.]+", "-", s).strip("-") for s in (d.dataset, split))
+    digest = hashlib.sha1(f"{d.dataset}\n{split}".encode()).hexdigest()[:8]
+    size = f"{d.image_size}x{d.image_size}x{d.num_channels}"
+    return Path(stats_dir) / f"{name}_{size}_{digest}.npz"
+
+
+def _read_cache(path, net_id):
+    if not path.is_file():
+        return None
+    cached = np.load(path)
+    if str(cached["network_id"]) != net_id:
+        logging.warning("%s was computed with another Inception file: recomputing", path)
+        return None
+    return cached["mu"], cached["sigma"], int(cached["num_examples"])
+
+
+def _write_cache(path, mu, sigma, num, net_id):
+    """Written whole to a temporary name, then renamed: a cache file is never partial."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, mu=mu, sigma=sigma, num_examples=num, network_id=net_id)
+    os.replace(tmp, path)
+
+
+def dataset_statistics(config, network, split, stats_dir, batch_size, devices=None, progress=False):
+    """(μ, Σ, N) of the pool3 features of every example of `split`, read from the cache in
+    stats_dir or computed (sharded over all devices and processes) and cached there.
+    network = load_network(path)."""
+    params, net_id = network
+    path = stats_path(stats_dir, config, split)
+    cached = _read_cache(path, net_id)
+    if jax.process_count() > 1:  # computing is collective: all read the cache, or none
+        found = multihost_utils.process_allgather(np.int32(cached is not None))
+        cached = cached if np.all(found) else None
+    if cached is not None:
+        return cached
+    mesh = sharding.make_mesh(devices)
+    act = make_activations_fn(params, mesh)
+    feats = evaluation.map_split(
+        lambda x, i: act(x)["pool3"], config, batch_size, mesh, split=split, progress=progress
+    )
+    mu, sigma = feature_statistics(feats)
+    if jax.process_index() == 0:
+        _write_cache(path, mu, sigma, len(feats), net_id)
+    return mu, sigma, len(feats)
+
+
+# ---- Samples -----------------------------------------------------------------------------
+
+
+def sample_activations(config, params, network, num_samples, rng, devices=None, progress=False):
+    """Activations of samples 0 .. num_samples-1 of `rng` (as sampling.make_sample_fn draws
+    them), computed chunk by chunk on the devices: only activations are kept."""
+    mesh = sharding.make_mesh(devices)
+    act = make_activations_fn(network[0], mesh)
+    sample_fn = sampling.make_sample_fn(config, devices, progress)
+    outs = [
+        jax.block_until_ready(act(chunk)) for chunk in sample_fn.chunks(params, rng, num_samples)
+    ]
+    outs = multihost_utils.process_allgather(outs, tiled=True)  # once, at the end
+    return {k: np.concatenate([np.asarray(o[k]) for o in outs])[:num_samples] for k in outs[0]}
+
+
+def sample_quality(config, params, network, num_samples, reference, seed=0, **kwargs):
+    """{'num_samples'}, 'fid' against reference = (μ, Σ, ...) of a dataset split (None:
+    no FID) and, when the network has its classifier, 'is' and 'is_std' (10 splits)."""
+    rng = jax.random.PRNGKey(seed)
+    acts = sample_activations(config, params, network, num_samples, rng, **kwargs)
+    result = {"num_samples": num_samples}
+    if reference is not None:
+        stats = feature_statistics(acts["pool3"])
+        result["fid"] = frechet_distance(*stats, *reference[:2])
+    if "probs" in acts:
+        result["is"], result["is_std"] = inception_score(acts["probs"])
+    return result
