@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from ddpm_jax import config_lib, evaluation, fid, input_pipeline, plots, unet
+from ddpm_jax import config_lib, evaluation, fid, inception, input_pipeline, plots, unet
 
 MODES = ("nll", "fid", "is", "fid_data")
 TB_NAMES = {"bpd": "nll_bpd", "fid": "fid", "is": "inception_score"}
@@ -34,7 +34,7 @@ def check_modes(modes, network=None):
     if unknown or not modes:
         raise ValueError(f"evaluation modes must be among {MODES}, got {list(modes)}")
     if "is" in modes and network is not None:
-        fid.inception.class_probabilities(network[0], np.zeros((1, 2048), np.float32))
+        inception.class_probabilities(network[0], np.zeros((1, 2048), np.float32))
 
 
 def nll(config, params, batch_size, max_batches=None, progress=False, devices=None):

@@ -1,8 +1,8 @@
-"""The FID Inception-v3 (TF `inception-2015-12-05` graph) in JAX: 2048-d pool3 features.
+"""The FID Inception-v3 (TF `inception-2015-12-05` graph) in Flax: 2048-d pool3 features.
 
 Weights come from the TorchScript copy of the network (see ../shared/fid/README.md), read
-with the standard library and NumPy only. Every conv layer is
-relu((conv(x, W) - mean) / sqrt(var + 1e-3) + beta): no conv bias, no BN scale.
+with the standard library and NumPy into Flax variables (torch is not needed). Every conv
+layer is relu((conv(x, W) - mean) / sqrt(var + 1e-3) + beta): no conv bias, no BN scale.
 
 Input convention (exact, as the TF graph): RGB pixels p in 0..255, resized to 299x299 with
 TF1's legacy bilinear resize (no half-pixel centres), then x = (p - 128) / 128.
@@ -12,6 +12,7 @@ import collections
 import pickle
 import zipfile
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,9 +94,10 @@ def _short_name(name):
 
 
 def params_from_tensors(flat, path="the network file"):
-    """Checks the tensor names and counts, and transposes conv kernels OIHW -> HWIO. The
+    """Flax variables {'params': {..kernel (HWIO), beta}, 'batch_stats': {..mean, var}}
+    nested by the file's dotted names, after checking the tensor names and counts. The
     1008-way classifier ('output.weight' (1008, 2048) and 'output.bias'), present in files
-    that keep it, becomes params['output'] = {'kernel' (2048, 1008)}."""
+    that keep it, becomes params['output']['kernel'] (2048, 1008)."""
     flat = {_short_name(k): v for k, v in flat.items()}
     classifier = {k: flat.pop(k) for k in ("output.weight", "output.bias") if k in flat}
     count, values = len(flat), sum(a.size for a in flat.values())
@@ -104,69 +106,84 @@ def params_from_tensors(flat, path="the network file"):
             f"{path} holds {count} tensors / {values} values besides the classifier; the FID "
             f"Inception network has {NUM_TENSORS} / {NUM_VALUES}"
         )
-    params = collections.defaultdict(dict)
+    variables = {"params": {}, "batch_stats": {}}
+    leaves = {"weight": ("params", "kernel"), "beta": ("params", "beta")}
+    leaves.update(mean=("batch_stats", "mean"), var=("batch_stats", "var"))
     for name, value in flat.items():
-        layer, leaf = name.rsplit(".", 1)
-        if leaf not in ("weight", "beta", "mean", "var"):
+        *layer, leaf = name.split(".")
+        if leaf not in leaves:
             raise ValueError(f"{path}: unexpected tensor {name!r} in the FID Inception network")
-        params[layer]["kernel" if leaf == "weight" else leaf] = (
-            np.transpose(value, (2, 3, 1, 0)) if leaf == "weight" else value
-        )
+        collection, key = leaves[leaf]
+        node = variables[collection]
+        for part in layer:
+            node = node.setdefault(part, {})
+        node[key] = np.transpose(value, (2, 3, 1, 0)) if leaf == "weight" else value
     if classifier:
         if classifier.get("output.weight", np.zeros(0)).shape != (1008, 2048):
             raise ValueError(
                 f"{path}: the classifier must be 'output.weight' of shape (1008, 2048)"
             )
-        params["output"] = {"kernel": classifier["output.weight"].T}  # the bias is unused
-    return dict(params)
+        # The bias is unused (see class_probabilities).
+        variables["params"]["output"] = {"kernel": classifier["output.weight"].T}
+    return variables
 
 
-def has_classifier(params):
-    return "output" in params
+def has_classifier(variables):
+    return "output" in variables["params"]
 
 
-def class_probabilities(params, pool3):
+def class_probabilities(variables, pool3):
     """p(y|x) over the 1008 outputs, softmax(pool3 · W) without the bias, as the original
     Inception Score code (and NVIDIA's) computes it."""
-    if not has_classifier(params):
+    if not has_classifier(variables):
         raise ValueError(
             "the Inception Score needs the network's 1008-way classifier, which this network "
             "file lacks (../shared/fid's copy is features only); pass --inception_path to a "
             "copy that keeps it, e.g. NVIDIA's metrics file inception-2015-12-05.pt"
         )
-    return jax.nn.softmax(pool3 @ params["output"]["kernel"], axis=-1)
+    return jax.nn.softmax(pool3 @ variables["params"]["output"]["kernel"], axis=-1)
 
 
 # ---- The network ------------------------------------------------------------------------
 
-_STRIDE_2 = {
-    "conv",
-    "mixed_3.conv",
-    "mixed_3.tower.conv_2",
-    "mixed_8.tower.conv_1",
-    "mixed_8.tower_1.conv_3",
-}
-_VALID = {"conv", "conv_1", "conv_3", "conv_4"}  # stem convs without padding
+
+class ConvBN(nn.Module):
+    """The network's one layer: relu((conv(x, W) - mean) / sqrt(var + 1e-3) + beta).
+    pad=True keeps the spatial size (symmetric k // 2 padding); pad=False pads nothing."""
+
+    features: int
+    kernel: tuple[int, int] = (1, 1)
+    stride: int = 1
+    pad: bool = True
+
+    def padding(self):
+        kh, kw = self.kernel
+        return ((kh // 2, kh // 2), (kw // 2, kw // 2)) if self.pad else ((0, 0), (0, 0))
+
+    @nn.compact
+    def __call__(self, x):
+        shape = (*self.kernel, x.shape[-1], self.features)
+        w = self.param("kernel", nn.initializers.lecun_normal(), shape)
+        beta = self.param("beta", nn.initializers.zeros, (self.features,))
+        mean = self.variable("batch_stats", "mean", jnp.zeros, (self.features,)).value
+        var = self.variable("batch_stats", "var", jnp.ones, (self.features,)).value
+        y = jax.lax.conv_general_dilated(
+            x, w, (self.stride, self.stride), self.padding(),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST,
+        )  # fmt: skip
+        return jax.nn.relu((y - mean) * jax.lax.rsqrt(var + 1e-3) + beta)
 
 
-def conv_settings(name, kernel_shape):
-    """(stride, ((pad_h, pad_h), (pad_w, pad_w))): stride-2 and stem convs are unpadded,
-    every other conv keeps the spatial size (symmetric k // 2 padding)."""
-    stride = 2 if name in _STRIDE_2 else 1
-    if stride == 2 or name in _VALID:
-        return stride, ((0, 0), (0, 0))
-    kh, kw = kernel_shape[:2]
-    return 1, ((kh // 2, kh // 2), (kw // 2, kw // 2))
+class Tower(nn.Module):
+    """ConvBN layers in sequence, named conv, conv_1, conv_2, ... as in the file."""
 
+    layers: tuple  # (features, kernel[, stride, pad]) per layer
 
-def _conv(params, name, x):
-    p = params[name]
-    stride, padding = conv_settings(name, p["kernel"].shape)
-    y = jax.lax.conv_general_dilated(
-        x, p["kernel"], (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=jax.lax.Precision.HIGHEST,
-    )  # fmt: skip
-    return jax.nn.relu((y - p["mean"]) * jax.lax.rsqrt(p["var"] + 1e-3) + p["beta"])
+    @nn.compact
+    def __call__(self, x):
+        for i, spec in enumerate(self.layers):
+            x = ConvBN(*spec, name="conv" if i == 0 else f"conv_{i}")(x)
+        return x
 
 
 def _max_pool(x, stride=2, pad=0):
@@ -184,65 +201,100 @@ def _avg_pool_same(x):
     return window(x) / window(jnp.ones_like(x[..., :1]))
 
 
-def _block_a(params, n, x):
-    c = lambda name, h: _conv(params, f"{n}.{name}", h)
-    return [c("conv", x), c("tower.conv_1", c("tower.conv", x)),
-            c("tower_1.conv_2", c("tower_1.conv_1", c("tower_1.conv", x))),
-            c("tower_2.conv", _avg_pool_same(x))]  # fmt: skip
+class InceptionA(nn.Module):  # mixed, mixed_1, mixed_2 (35x35)
+    pool_features: int
+
+    @nn.compact
+    def __call__(self, x):
+        return jnp.concatenate([
+            ConvBN(64, name="conv")(x),
+            Tower(((48, (1, 1)), (64, (5, 5))), name="tower")(x),
+            Tower(((64, (1, 1)), (96, (3, 3)), (96, (3, 3))), name="tower_1")(x),
+            Tower(((self.pool_features, (1, 1)),), name="tower_2")(_avg_pool_same(x)),
+        ], axis=-1)  # fmt: skip
 
 
-def _block_b(params, n, x):
-    c = lambda name, h: _conv(params, f"{n}.{name}", h)
-    return [c("conv", x), c("tower.conv_2", c("tower.conv_1", c("tower.conv", x))), _max_pool(x)]
+class InceptionB(nn.Module):  # mixed_3: 35x35 -> 17x17
+    @nn.compact
+    def __call__(self, x):
+        return jnp.concatenate([
+            ConvBN(384, (3, 3), 2, False, name="conv")(x),
+            Tower(((64, (1, 1)), (96, (3, 3)), (96, (3, 3), 2, False)), name="tower")(x),
+            _max_pool(x),
+        ], axis=-1)  # fmt: skip
 
 
-def _block_c(params, n, x):
-    c = lambda name, h: _conv(params, f"{n}.{name}", h)
-    t1 = x
-    for i in ("conv", "conv_1", "conv_2", "conv_3", "conv_4"):
-        t1 = c(f"tower_1.{i}", t1)
-    return [c("conv", x), c("tower.conv_2", c("tower.conv_1", c("tower.conv", x))), t1,
-            c("tower_2.conv", _avg_pool_same(x))]  # fmt: skip
+class InceptionC(nn.Module):  # mixed_4 .. mixed_7 (17x17), factorised 7x7
+    c7: int
+
+    @nn.compact
+    def __call__(self, x):
+        c7, row, col = self.c7, (1, 7), (7, 1)
+        return jnp.concatenate([
+            ConvBN(192, name="conv")(x),
+            Tower(((c7, (1, 1)), (c7, row), (192, col)), name="tower")(x),
+            Tower(((c7, (1, 1)), (c7, col), (c7, row), (c7, col), (192, row)), name="tower_1")(x),
+            Tower(((192, (1, 1)),), name="tower_2")(_avg_pool_same(x)),
+        ], axis=-1)  # fmt: skip
 
 
-def _block_d(params, n, x):
-    c = lambda name, h: _conv(params, f"{n}.{name}", h)
-    t1 = x
-    for i in ("conv", "conv_1", "conv_2", "conv_3"):
-        t1 = c(f"tower_1.{i}", t1)
-    return [c("tower.conv_1", c("tower.conv", x)), t1, _max_pool(x)]
+class InceptionD(nn.Module):  # mixed_8: 17x17 -> 8x8
+    @nn.compact
+    def __call__(self, x):
+        return jnp.concatenate([
+            Tower(((192, (1, 1)), (320, (3, 3), 2, False)), name="tower")(x),
+            Tower(((192, (1, 1)), (192, (1, 7)), (192, (7, 1)), (192, (3, 3), 2, False)),
+                  name="tower_1")(x),
+            _max_pool(x),
+        ], axis=-1)  # fmt: skip
 
 
-def _block_e(params, n, x, max_pool):
-    c = lambda name, h: _conv(params, f"{n}.{name}", h)
-    a, b = c("tower_conv", x), c("tower_1_conv_1", c("tower_1_conv", x))
-    pooled = _max_pool(x, stride=1, pad=1) if max_pool else _avg_pool_same(x)
-    return [c("conv", x), c("tower_mixed_conv", a), c("tower_mixed_conv_1", a),
-            c("tower_1_mixed_conv", b), c("tower_1_mixed_conv_1", b),
-            c("tower_2_conv", pooled)]  # fmt: skip
+class InceptionE(nn.Module):  # mixed_9, mixed_10 (8x8); mixed_10 max-pools its pool branch
+    max_pool: bool
+
+    @nn.compact
+    def __call__(self, x):
+        a = ConvBN(384, name="tower_conv")(x)
+        b = ConvBN(384, (3, 3), name="tower_1_conv_1")(ConvBN(448, name="tower_1_conv")(x))
+        pooled = _max_pool(x, stride=1, pad=1) if self.max_pool else _avg_pool_same(x)
+        return jnp.concatenate([
+            ConvBN(320, name="conv")(x),
+            ConvBN(384, (1, 3), name="tower_mixed_conv")(a),
+            ConvBN(384, (3, 1), name="tower_mixed_conv_1")(a),
+            ConvBN(384, (1, 3), name="tower_1_mixed_conv")(b),
+            ConvBN(384, (3, 1), name="tower_1_mixed_conv_1")(b),
+            ConvBN(192, name="tower_2_conv")(pooled),
+        ], axis=-1)  # fmt: skip
 
 
-def features(params, x):
+class InceptionV3(nn.Module):
+    """(B, 299, 299, 3) inputs (p - 128) / 128 -> (B, 2048) pool3 features."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = ConvBN(32, (3, 3), 2, False, name="conv")(x)  # 149x149
+        x = ConvBN(32, (3, 3), 1, False, name="conv_1")(x)  # 147x147
+        x = _max_pool(ConvBN(64, (3, 3), name="conv_2")(x))  # 73x73
+        x = ConvBN(80, (1, 1), 1, False, name="conv_3")(x)
+        x = _max_pool(ConvBN(192, (3, 3), 1, False, name="conv_4")(x))  # 35x35
+        for name, pool_features in (("mixed", 32), ("mixed_1", 64), ("mixed_2", 64)):
+            x = InceptionA(pool_features, name=name)(x)
+        x = InceptionB(name="mixed_3")(x)  # 17x17
+        for i, c7 in zip(range(4, 8), (128, 160, 160, 192), strict=True):
+            x = InceptionC(c7, name=f"mixed_{i}")(x)
+        x = InceptionD(name="mixed_8")(x)  # 8x8
+        x = InceptionE(False, name="mixed_9")(x)
+        x = InceptionE(True, name="mixed_10")(x)
+        return jnp.mean(x, axis=(1, 2))  # the 8x8 average pool
+
+
+def features(variables, x):
     """pool3 features (B, 2048) of NHWC float images x = (p - 128) / 128, 299x299x3."""
     if x.shape[1:] != (299, 299, 3):
         raise ValueError(
             f"the FID network takes (B, 299, 299, 3) inputs, got {x.shape}; resize first"
         )
-    h = _conv(params, "conv_2", _conv(params, "conv_1", _conv(params, "conv", x)))
-    h = _max_pool(h)
-    h = _max_pool(_conv(params, "conv_4", _conv(params, "conv_3", h)))
-    blocks = [
-        (_block_a, "mixed"),
-        (_block_a, "mixed_1"),
-        (_block_a, "mixed_2"),
-        (_block_b, "mixed_3"),
-    ]
-    blocks += [(_block_c, f"mixed_{i}") for i in range(4, 8)] + [(_block_d, "mixed_8")]
-    for block, name in blocks:
-        h = jnp.concatenate(block(params, name, h), axis=-1)
-    for name, max_pool in (("mixed_9", False), ("mixed_10", True)):
-        h = jnp.concatenate(_block_e(params, name, h, max_pool), axis=-1)
-    return jnp.mean(h, axis=(1, 2))  # the 8x8 average pool
+    return InceptionV3().apply(variables, x)
 
 
 def legacy_resize_matrix(size_in, size_out=299):

@@ -67,15 +67,14 @@ def test_inception_score_closed_forms():
         fid.inception_score(one_hot[:5])
 
 
-def flat_tensors(params):
-    """params back to the file's names and layouts (OIHW kernels)."""
+def flat_tensors(variables):
+    """Flax variables back to the file's names and layouts (OIHW kernels)."""
+    names = {"kernel": "weight", "beta": "beta", "mean": "mean", "var": "var"}
     flat = {}
-    for layer, leaves in params.items():
-        for leaf, value in leaves.items():
-            name = "weight" if leaf == "kernel" else leaf
-            flat[f"net.layers.{layer}.{name}"] = (
-                np.transpose(value, (3, 2, 0, 1)) if leaf == "kernel" else value
-            )
+    for path, value in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        *layer, leaf = (k.key for k in path[1:])  # path[0] is the collection
+        value = np.transpose(value, (3, 2, 0, 1)) if leaf == "kernel" else value
+        flat[".".join(["net.layers", *layer, names[leaf]])] = value
     return flat
 
 
@@ -88,8 +87,8 @@ def test_classifier_probabilities(network):
     flat = dict(flat_tensors(params), **{"net.output.weight": w, "net.output.bias": w[:, 0]})
     with_classifier = inception.params_from_tensors(flat)
     assert inception.has_classifier(with_classifier)
-    np.testing.assert_array_equal(with_classifier["mixed_4.tower.conv_1"]["kernel"],
-                                  params["mixed_4.tower.conv_1"]["kernel"])  # fmt: skip
+    assert jax.tree.all(jax.tree.map(np.array_equal, params["params"]["mixed_4"],
+                                      with_classifier["params"]["mixed_4"]))  # fmt: skip
     pool3 = rng.uniform(0, 2, (3, 2048)).astype(np.float32)
     logits = pool3.astype(np.float64) @ w.T.astype(np.float64)  # no bias, as the original IS
     expected = np.exp(logits - logits.max(1, keepdims=True))
