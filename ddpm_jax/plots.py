@@ -27,14 +27,14 @@ def _panel(draw, origin, x, y, title, y_label):
     """One line plot with axes, 5 ticks per axis and a title, at origin (left, top)."""
     ox, oy = origin
     box = (ox + MARGIN, oy + 24, ox + PANEL_W - 12, oy + PANEL_H - 36)
-    x_range = (float(x.min()), float(x.max()))
+    x_range = (0.0, float(x.max()))
     y_range = (0.0, float(y.max()) * 1.05 or 1.0)
     for tx, ty in zip(_ticks(*x_range), _ticks(*y_range), strict=True):
         px, _ = to_pixels(tx, 0, box, x_range, y_range)
         _, py = to_pixels(0, ty, box, x_range, y_range)
         draw.line([(px, box[1]), (px, box[3])], fill=GRID)
         draw.line([(box[0], py), (box[2], py)], fill=GRID)
-        draw.text((px - 12, box[3] + 4), f"{tx:.0f}", fill=INK)
+        draw.text((px - 12, box[3] + 4), f"{tx:.4g}", fill=INK)
         draw.text((ox + 2, py - 6), f"{ty:.3g}", fill=INK)
     draw.rectangle(box, outline=INK)
     px, py = to_pixels(x, y, box, x_range, y_range)

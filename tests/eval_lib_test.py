@@ -22,7 +22,7 @@ def test_rate_distortion_plot_draws_the_curves(tmp_path):
     assert image.shape == (plots.PANEL_H, 2 * plots.PANEL_W, 3)
     steps = T - np.arange(T)
     for (box, x_range, y_range), curve in zip(panels, (rate, distortion), strict=True):
-        assert x_range == (1.0, float(T))
+        assert x_range == (0.0, float(T))
         for t in (5, 25, 45):  # the line's colour is found where the curve's point maps to
             px, py = plots.to_pixels(steps[t], curve[t], box, x_range, y_range)
             patch = image[int(py) - 2 : int(py) + 3, int(px) - 2 : int(px) + 3]

@@ -146,7 +146,3 @@ def test_sample_quality_equals_the_plain_route(network, tiny_model):
     expected = fid.frechet_distance(*fid.feature_statistics(feats), mu, sigma)
     assert result["num_samples"] == 6 and "is" not in result
     np.testing.assert_allclose(result["fid"], expected, rtol=1e-5)
-    one = fid.sample_activations(
-        config, params, network, 6, jax.random.PRNGKey(3), devices=jax.devices()[:1]
-    )
-    np.testing.assert_allclose(one["pool3"], feats, atol=1e-4)
