@@ -14,7 +14,16 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from ddpm_jax import config_lib, evaluation, fid, inception, input_pipeline, plots, unet
+from ddpm_jax import (
+    config_lib,
+    evaluation,
+    fid,
+    inception,
+    input_pipeline,
+    plots,
+    sharding,
+    unet,
+)
 
 MODES = ("nll", "fid", "is", "fid_data")
 TB_NAMES = {"bpd": "nll_bpd", "fid": "fid", "is": "inception_score"}
@@ -37,12 +46,12 @@ def check_modes(modes, network=None):
         inception.class_probabilities(network[0], np.zeros((1, 2048), np.float32))
 
 
-def nll(config, params, batch_size, max_batches=None, progress=False, devices=None):
+def nll(config, params, batch_size, max_batches=None, progress=False, devices=None, step_fn=None):
     """(scalars, arrays) of the bound over config.data.eval_split."""
     model, sched = unet.UNet(config_lib.unet_config(config)), config_lib.make_schedule(config)
     result = evaluation.evaluate_bpd(
         config, model, sched, params, batch_size, devices=devices, max_batches=max_batches,
-        progress=progress,
+        progress=progress, step_fn=step_fn,
     )  # fmt: skip
     summary = evaluation.summarize_bpd(result)
     arrays = {k: v for k, v in summary.items() if isinstance(v, np.ndarray)}
@@ -128,25 +137,33 @@ class PeriodicEvaluator:
             self.modes.remove("fid")
         if "nll" in self.modes:
             input_pipeline.check_dataset(config, config.data.eval_split)
-        self.network = self.reference = None
+        self.network = self.reference = self.bpd_fn = self.activations_fn = None
+        if "nll" in self.modes:  # the jitted functions are built once, for every evaluation
+            model = unet.UNet(config_lib.unet_config(config))
+            mesh = sharding.make_mesh(devices)
+            self.bpd_fn = evaluation.jit_bpd_step(
+                config, model, config_lib.make_schedule(config), mesh
+            )
         if "fid" in self.modes:
             self.network = fid.load_network(e.inception_path)
             self.reference = reference_statistics(
                 config, self.network, e.batch_size, False, devices
             )
+            self.activations_fn = fid.make_sample_activations(config, self.network, devices)
 
     def __call__(self, ema_params, step):
         """Evaluates and writes the results; returns the scalars."""
         e, scalars, arrays = self.config.eval, {}, None
         if "nll" in self.modes:
             scalars, arrays = nll(
-                self.config, ema_params, e.batch_size, e.nll_batches, devices=self.devices
-            )
+                self.config, ema_params, e.batch_size, e.nll_batches, devices=self.devices,
+                step_fn=self.bpd_fn,
+            )  # fmt: skip
         if "fid" in self.modes:
             scalars.update(
                 fid.sample_quality(
                     self.config, ema_params, self.network, e.fid_samples, self.reference,
-                    devices=self.devices,
+                    activations_fn=self.activations_fn,
                 )
             )  # fmt: skip
         write_results(self.workdir, step, scalars, arrays)

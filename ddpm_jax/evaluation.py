@@ -67,14 +67,15 @@ def map_split(step, config, batch_size, mesh, split=None, max_batches=None, prog
 
 def evaluate_bpd(
     config, model, sched, params, batch_size, seed=0, devices=None, max_batches=None,
-    progress=False,
+    progress=False, step_fn=None,
 ):  # fmt: skip
     """The bound for every example of config.data.eval_split (or its first max_batches
     batches of the global batch_size): per-example arrays (N, ...) as map_split returns.
     Example i's noise comes from fold_in(PRNGKey(seed), i): its bound does not depend on
-    the batch size or the number of devices and processes."""
+    the batch size or the number of devices and processes. step_fn: a jit_bpd_step
+    result (on the same devices) to reuse."""
     mesh = sharding.make_mesh(devices)
-    fn = jit_bpd_step(config, model, sched, mesh)
+    fn = step_fn or jit_bpd_step(config, model, sched, mesh)
     params = jax.device_put(params, sharding.replicated(mesh))
     rng = jax.random.PRNGKey(seed)
     step = lambda x0, index: fn(params, x0, index_keys(rng, index))

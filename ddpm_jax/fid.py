@@ -165,24 +165,32 @@ def dataset_statistics(config, network, split, stats_dir, batch_size, devices=No
 # ---- Samples -----------------------------------------------------------------------------
 
 
-def sample_activations(config, params, network, num_samples, rng, devices=None, progress=False):
-    """Activations of samples 0 .. num_samples-1 of `rng` (as sampling.make_sample_fn draws
-    them), computed chunk by chunk on the devices: only activations are kept."""
+def make_sample_activations(config, network, devices=None, progress=False):
+    """fn(params, rng, num_samples) -> activations of samples 0 .. num_samples-1 of `rng`
+    (as sampling.make_sample_fn draws them), computed chunk by chunk on the devices so that
+    only activations are kept. Build it once: its sampler and network compile once."""
     mesh = sharding.make_mesh(devices)
     act = make_activations_fn(network[0], mesh)
     sample_fn = sampling.make_sample_fn(config, devices, progress)
-    outs = [
-        jax.block_until_ready(act(chunk)) for chunk in sample_fn.chunks(params, rng, num_samples)
-    ]
-    outs = multihost_utils.process_allgather(outs, tiled=True)  # once, at the end
-    return {k: np.concatenate([np.asarray(o[k]) for o in outs])[:num_samples] for k in outs[0]}
+
+    def fn(params, rng, num_samples):
+        chunks = sample_fn.chunks(params, rng, num_samples)
+        outs = [jax.block_until_ready(act(chunk)) for chunk in chunks]
+        outs = multihost_utils.process_allgather(outs, tiled=True)  # once, at the end
+        return {k: np.concatenate([np.asarray(o[k]) for o in outs])[:num_samples] for k in outs[0]}
+
+    fn.sample_fn = sample_fn
+    return fn
 
 
-def sample_quality(config, params, network, num_samples, reference, seed=0, **kwargs):
+def sample_quality(
+    config, params, network, num_samples, reference, seed=0, activations_fn=None, **kwargs
+):
     """{'num_samples'}, 'fid' against reference = (μ, Σ, ...) of a dataset split (None:
-    no FID) and, when the network has its classifier, 'is' and 'is_std' (10 splits)."""
-    rng = jax.random.PRNGKey(seed)
-    acts = sample_activations(config, params, network, num_samples, rng, **kwargs)
+    no FID) and, when the network has its classifier, 'is' and 'is_std' (10 splits).
+    activations_fn: a make_sample_activations result to reuse (else built from kwargs)."""
+    fn = activations_fn or make_sample_activations(config, network, **kwargs)
+    acts = fn(params, jax.random.PRNGKey(seed), num_samples)
     result = {"num_samples": num_samples}
     if reference is not None:
         stats = feature_statistics(acts["pool3"])

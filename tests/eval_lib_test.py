@@ -64,14 +64,21 @@ def test_modes_are_checked_before_any_work(tiny_model):
         config_lib.check_config(config)
 
 
-def test_periodic_evaluation_during_training(tmp_path):
+def test_periodic_evaluation_during_training(tmp_path, monkeypatch):
     config = config_lib.load_config(ROOT / "configs" / "tiny.py")
     config.data.data_dir = str(ROOT.parent / "shared" / "tensorflow_datasets")
     config.training.update(num_steps=4, sample_every=0, checkpoint_every=4)
     config.sampling.batch_size = 8  # the same batch shape as the data: one Inception program
     config.eval.update(every=2, fid_split="test[:8]", fid_samples=8, nll_batches=1)
     config.eval.update(inception_path=str(NETWORK_FILE), stats_dir=str(tmp_path / "stats"))
+    built, make = [], eval_lib.PeriodicEvaluator
+    monkeypatch.setattr(
+        eval_lib, "PeriodicEvaluator", lambda *a: built.append(make(*a)) or built[0]
+    )
     train_lib.train_and_evaluate(config, tmp_path / "work")
+    # Two evaluations, each program compiled once.
+    assert built[0].bpd_fn._cache_size() == 1
+    assert built[0].activations_fn.sample_fn.jitted._cache_size() == 1
     assert [p.name[:19] for p in (tmp_path / "stats").iterdir()] == ["mnist_test-8_8x8x1_"]
     for step in (2, 4):
         result = json.loads((tmp_path / "work" / "eval" / f"step_{step}.json").read_text())
