@@ -5,8 +5,6 @@ discretized decoder and the prior term, sharded over devices and processes; its 
 terms give the rate / distortion curve of the paper's Table 4 and Fig. 5.
 """
 
-import functools
-
 import jax
 import numpy as np
 import tqdm
@@ -25,16 +23,15 @@ def bpd_step(params, x0, rng, *, config, model, sched):
 
 
 def jit_bpd_step(config, model, sched, mesh):
-    """bpd_step jitted: (params, x0, per-example keys) -> per-example arrays."""
-    fn = functools.partial(bpd_step, config=config, model=model, sched=sched)
+    """(params, x0, index, rng) -> per-example arrays, one jitted program: example i's
+    noise comes from fold_in(rng, index_i)."""
+
+    def fn(params, x0, index, rng):
+        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(index)
+        return bpd_step(params, x0, keys, config=config, model=model, sched=sched)
+
     batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    return jax.jit(fn, in_shardings=(rep, batch, batch), out_shardings=batch)
-
-
-@jax.jit
-def index_keys(rng, index):
-    """One key per example, fold_in(rng, index_i)."""
-    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(index)
+    return jax.jit(fn, in_shardings=(rep, batch, batch, rep), out_shardings=batch)
 
 
 def map_split(step, config, batch_size, mesh, split=None, max_batches=None, progress=False):
@@ -54,10 +51,13 @@ def map_split(step, config, batch_size, mesh, split=None, max_batches=None, prog
     outs, masks, indices = [], [], []
     for x0, mask, index in ds.take(total).as_numpy_iterator():
         x0, index, mask = sharding.global_batch((x0, index.astype(np.int32), mask), mesh)
-        outs.append(jax.block_until_ready(step(x0, index)))
+        outs.append(step(x0, index))
         masks.append(mask)
         indices.append(index)
-        bar.update()
+        if len(outs) > 1:  # one batch stays in flight; the bar counts finished ones
+            jax.block_until_ready(outs[-2])
+            bar.update()
+    bar.update(len(outs) - bar.n)
     bar.close()
     outs, masks, indices = multihost_utils.process_allgather((outs, masks, indices), tiled=True)
     keep = np.concatenate(masks) > 0
@@ -78,7 +78,7 @@ def evaluate_bpd(
     fn = step_fn or jit_bpd_step(config, model, sched, mesh)
     params = jax.device_put(params, sharding.replicated(mesh))
     rng = jax.random.PRNGKey(seed)
-    step = lambda x0, index: fn(params, x0, index_keys(rng, index))
+    step = lambda x0, index: fn(params, x0, index, rng)
     return map_split(step, config, batch_size, mesh, max_batches=max_batches, progress=progress)
 
 

@@ -19,7 +19,6 @@ import warnings
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 from jax.experimental import multihost_utils
@@ -73,8 +72,7 @@ def inception_score(probs, num_splits=10):
 def activations(params, x):
     """Images x in [-1, 1] (NHWC, 1 or 3 channels) -> {'pool3': (B, 2048)} and, when the
     network has its classifier, 'probs': (B, 1008)."""
-    pixels = jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255)  # = sampling.to_uint8
-    pool3 = inception.features(params, inception.preprocess(pixels))
+    pool3 = inception.features(params, inception.preprocess(sampling.quantize(x)))
     out = {"pool3": pool3}
     if inception.has_classifier(params):
         out["probs"] = inception.class_probabilities(params, pool3)
@@ -101,8 +99,9 @@ def network_id(path):
 def load_network(path):
     """(params, network_id) of the Inception file, or a clear error saying how to get it."""
     if path is None or not Path(path).is_file():
+        problem = "no file is set" if path is None else f"{str(path)!r} does not exist"
         raise ValueError(
-            f"FID/IS need the Inception network file, and {path!r} is not one; pass "
+            f"FID/IS need the Inception network file and {problem}; pass "
             "--config.eval.inception_path=/path/to/inception-2015-12-05.pt (README: 'FID and IS')"
         )
     return inception.load_params(path), network_id(path)

@@ -138,8 +138,9 @@ def class_probabilities(variables, pool3):
     if not has_classifier(variables):
         raise ValueError(
             "the Inception Score needs the network's 1008-way classifier, which this network "
-            "file lacks (../shared/fid's copy is features only); pass --inception_path to a "
-            "copy that keeps it, e.g. NVIDIA's metrics file inception-2015-12-05.pt"
+            "file lacks (../shared/fid's copy is features only); pass "
+            "--config.eval.inception_path=PATH of a copy that keeps it, e.g. NVIDIA's "
+            "metrics file inception-2015-12-05.pt"
         )
     return jax.nn.softmax(pool3 @ variables["params"]["output"]["kernel"], axis=-1)
 

@@ -114,9 +114,15 @@ def interpolate(sched, model_fn, x0_a, x0_b, t, lambdas, rng, mean_type, var_typ
     return sample_loop(sched, model_fn, x_bar, keys, mean_type, var_type, clip_x0, t_start=t)
 
 
+def quantize(x):
+    """Images in [-1, 1] -> pixel values k = round((x + 1) · 127.5) in [0, 255], as floats
+    (traceable: the FID network applies it inside its jitted function)."""
+    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255)
+
+
 def to_uint8(x):
-    """Images in [-1, 1] -> uint8 pixels k = round((x + 1) · 127.5), clipped to [0, 255]."""
-    return np.asarray(jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8))
+    """Images in [-1, 1] -> uint8 NumPy pixels (quantize)."""
+    return np.asarray(quantize(x).astype(jnp.uint8))
 
 
 def image_grid(images, ncols=None):
