@@ -15,13 +15,17 @@ Modes (--eval, comma-separated):
 Writes WORKDIR/eval/step_N.json and TensorBoard scalars (eval/nll_bpd, eval/fid, ...).
 """
 
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow loads: no C++ INFO
+
 import json
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import checkpointing, config_lib, distributed, eval_lib
+from ddpm_jax import checkpointing, cli, config_lib, data, distributed, eval_lib
 
 FLAGS = flags.FLAGS
 distributed.define_flags()
@@ -30,11 +34,13 @@ config_flags.DEFINE_config_file(
 )
 flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint is evaluated).")
 flags.DEFINE_list("eval", ["nll", "fid"], f"Modes, comma-separated, among {eval_lib.MODES}.")
-flags.DEFINE_integer("num_samples", None, "FID / IS samples (default config.eval.num_samples).")
+flags.DEFINE_integer(
+    "num_samples", None, "FID / IS samples (default config.eval.num_samples).", lower_bound=2
+)
 flags.DEFINE_integer("batch_size", None, "Global batch (default config.eval.batch_size).")
 flags.DEFINE_integer("max_batches", None, "Bound on only this many batches.", lower_bound=1)
 flags.DEFINE_string("other_split", None, "fid_data: the split compared with fid_split.")
-flags.DEFINE_integer("seed", 0, "Seed of the samples and of the bound's noise.")
+flags.DEFINE_integer("seed", 0, "Seed of the samples (FID, IS) and of the bound's noise (nll).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -45,14 +51,16 @@ def main(argv):
     config = FLAGS.config
     config_lib.check_config(config, jax.device_count(), jax.process_count())
     eval_lib.check_modes(FLAGS.eval)
-    batch_size = FLAGS.batch_size or config.eval.batch_size
+    batch_size = config.eval.batch_size if FLAGS.batch_size is None else FLAGS.batch_size
     config_lib.check_batch("eval.batch_size", batch_size, jax.device_count(), jax.process_count())
     step = int(checkpointing.latest_step_dir(FLAGS.workdir).parent.name)
+    if set(FLAGS.eval) & {"nll", "fid", "fid_data"}:  # these read the dataset
+        data.ensure_prepared(config, log=logging.info)
     scalars, arrays = eval_lib.run(
         config,
         checkpointing.restore_params(FLAGS.workdir),
         FLAGS.eval,
-        FLAGS.num_samples or config.eval.num_samples,
+        config.eval.num_samples if FLAGS.num_samples is None else FLAGS.num_samples,
         batch_size,
         max_batches=FLAGS.max_batches,
         other_split=FLAGS.other_split,
@@ -65,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, __file__)

@@ -7,6 +7,10 @@ writes OUT.png (a grid) and OUT.npz (uint8 NHWC array 'images'). --params DIR re
 parameters written by `python -m ddpm_jax.convert` instead of a training workdir.
 """
 
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow loads: no C++ INFO
+
 from pathlib import Path
 
 import jax
@@ -14,7 +18,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ddpm_jax import checkpointing, distributed, sampling
+from ddpm_jax import checkpointing, cli, distributed, sampling
 
 FLAGS = flags.FLAGS
 distributed.define_flags()
@@ -52,4 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, __file__)

@@ -7,12 +7,14 @@
 Resumes from the latest checkpoint in --workdir. SIGTERM saves a checkpoint and exits.
 """
 
-import logging as py_logging
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow loads: no C++ INFO
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import distributed, train_lib
+from ddpm_jax import cli, distributed, train_lib
 
 FLAGS = flags.FLAGS
 distributed.define_flags()
@@ -21,21 +23,13 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard log
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(py_logging.Filter):
-    """Keep orbax's per-save INFO chatter out of the training log (warnings still show)."""
-
-    def filter(self, record):
-        return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     distributed.initialize_from_flags()
-    py_logging.getLogger("absl").addFilter(_QuietLibraries())
     logging.info("config:\n%s", FLAGS.config)
     train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, __file__)

@@ -10,6 +10,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from ddpm_jax.errors import UserError
+
 
 def checkpoint_dir(workdir):
     return Path(workdir).resolve() / "checkpoints"
@@ -67,9 +69,9 @@ def latest_step_dir(workdir, step=None):
     path = checkpoint_dir(workdir)
     steps = sorted(int(p.name) for p in path.glob("[0-9]*") if (p / "default").is_dir())
     if not steps:
-        raise ValueError(f"no checkpoint in {path}; train first, or pass the right --workdir")
+        raise UserError(f"no checkpoint in {path}; train first, or pass the right --workdir")
     if step is not None and step not in steps:
-        raise ValueError(f"no checkpoint of step {step} in {path}; there are {steps}")
+        raise UserError(f"no checkpoint of step {step} in {path}; there are {steps}")
     return path / str(steps[-1] if step is None else step) / "default"
 
 
@@ -99,6 +101,6 @@ def restore_converted(directory):
     """Parameters saved by `python -m ddpm_jax.convert` (a plain orbax pytree)."""
     directory = Path(directory).resolve()
     if not directory.is_dir():
-        raise ValueError(f"no converted parameters at {directory}")
+        raise UserError(f"no converted parameters at {directory}")
     with ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore(directory)

@@ -7,16 +7,18 @@ setting and how to fix it.
 
 import dataclasses
 import importlib.util
+import math
 from pathlib import Path
 
 from ddpm_jax import diffusion, schedules, unet
+from ddpm_jax.errors import UserError
 
 
 def load_config(path):
     """get_config() of a config file given by path (as `--config` takes it)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"config file {str(path)!r} does not exist")
+        raise UserError(f"config file {str(path)!r} does not exist")
     spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -28,11 +30,12 @@ def unet_config(config):
     fields = {f.name for f in dataclasses.fields(unet.UNetConfig)} - {"out_ch"}
     unknown = set(config.model) - fields
     if unknown:
-        raise ValueError(
-            f"unknown config.model settings {sorted(unknown)}; known: {sorted(fields)}"
-        )
+        raise UserError(f"unknown config.model settings {sorted(unknown)}; known: {sorted(fields)}")
     model = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in config.model.items()}
-    return unet.UNetConfig(**model, out_ch=config.data.num_channels)
+    try:
+        return unet.UNetConfig(**model, out_ch=config.data.num_channels)
+    except ValueError as e:
+        raise UserError(f"config.model: {e}") from e
 
 
 def make_schedule(config):
@@ -45,10 +48,10 @@ def make_schedule(config):
 
 def check_diffusion(config):
     d = config.diffusion
-    diffusion.check_choice("config.diffusion.mean_type", d.mean_type, diffusion.MEAN_TYPES)
-    diffusion.check_choice("config.diffusion.var_type", d.var_type, diffusion.VAR_TYPES)
-    diffusion.check_choice("config.diffusion.loss_type", d.loss_type, diffusion.LOSS_TYPES)
     try:
+        diffusion.check_choice("config.diffusion.mean_type", d.mean_type, diffusion.MEAN_TYPES)
+        diffusion.check_choice("config.diffusion.var_type", d.var_type, diffusion.VAR_TYPES)
+        diffusion.check_choice("config.diffusion.loss_type", d.loss_type, diffusion.LOSS_TYPES)
         schedules.get_beta_schedule(
             d.beta_schedule,
             beta_start=d.beta_start,
@@ -56,22 +59,22 @@ def check_diffusion(config):
             num_timesteps=d.num_timesteps,
         )
     except ValueError as e:
-        raise ValueError(f"config.diffusion: {e}") from e
+        raise UserError(f"config.diffusion: {e}") from e
 
 
 def check_sampling(config):
     s, T = config.sampling, config.diffusion.num_timesteps
     diffusion.check_choice("config.sampling.method", s.method, ("ancestral", "ddim"))
     if not 0 <= s.num_steps <= T:
-        raise ValueError(f"config.sampling.num_steps must be in [0, T={T}], got {s.num_steps}")
+        raise UserError(f"config.sampling.num_steps must be in [0, T={T}], got {s.num_steps}")
     if not 0.0 <= s.eta <= 1.0:
-        raise ValueError(f"config.sampling.eta must be in [0, 1], got {s.eta}")
+        raise UserError(f"config.sampling.eta must be in [0, 1], got {s.eta}")
 
 
 def check_batch(name, batch_size, num_devices, num_processes=1):
     """A global batch must split evenly over processes and devices."""
     if batch_size < 1 or batch_size % num_devices or batch_size % num_processes:
-        raise ValueError(
+        raise UserError(
             f"{name}={batch_size} must be a positive multiple of the number of devices "
             f"({num_devices}) and of processes ({num_processes}); set --config.{name}=N with "
             f"N divisible by {num_devices}"
@@ -79,34 +82,47 @@ def check_batch(name, batch_size, num_devices, num_processes=1):
 
 
 def check_config(config, num_devices=1, num_processes=1):
-    """Raise ValueError naming the first setting that cannot work."""
+    """Raise UserError naming the first setting that cannot work; returns the UNetConfig."""
     model = unet_config(config)
+    size = config.data.image_size
+    if not isinstance(size, int) or size < 1:
+        raise UserError(f"config.data.image_size must be a positive integer, got {size!r}")
     try:
-        model.check_image_size(config.data.image_size)
+        model.check_image_size(size)
     except ValueError as e:
-        raise ValueError(f"config.data.image_size: {e}") from e
+        raise UserError(f"config.data.image_size: {e}") from e
     if config.data.num_channels not in (1, 3):
-        raise ValueError(f"config.data.num_channels must be 1 or 3, got {config.data.num_channels}")
+        raise UserError(f"config.data.num_channels must be 1 or 3, got {config.data.num_channels}")
     check_diffusion(config)
     check_batch("training.batch_size", config.training.batch_size, num_devices, num_processes)
     check_sampling(config)
-    t = config.training
-    if not 0.0 <= t.ema_decay < 1.0:
-        raise ValueError(f"config.training.ema_decay must be in [0, 1), got {t.ema_decay}")
-    if t.learning_rate <= 0 or t.warmup_steps < 0 or t.grad_clip <= 0:
-        raise ValueError(
-            "config.training: learning_rate and grad_clip must be > 0, warmup_steps >= 0"
-        )
+    check_training(config)
     check_eval(config, num_devices, num_processes)
     return model
+
+
+def check_training(config):
+    t = config.training
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise UserError(f"config.training.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if not (t.learning_rate > 0 and math.isfinite(t.learning_rate)):  # NaN fails too
+        raise UserError(f"config.training.learning_rate must be > 0, got {t.learning_rate}")
+    if not t.grad_clip > 0 or t.warmup_steps < 0:
+        raise UserError("config.training: grad_clip must be > 0 and warmup_steps >= 0")
+    at_least = dict(num_steps=1, log_every=1, checkpoint_every=1, keep_checkpoints=1)
+    at_least.update(keep_period=0, sample_every=0, num_sample_images=1 if t.sample_every else 0)
+    for name, low in at_least.items():
+        if t[name] < low:
+            hint = " (0: off)" if low == 0 else ""
+            raise UserError(f"config.training.{name} must be >= {low}{hint}, got {t[name]}")
 
 
 def check_eval(config, num_devices=1, num_processes=1):
     e = config.eval
     check_batch("eval.batch_size", e.batch_size, num_devices, num_processes)
     if min(e.every, e.nll_batches, e.fid_samples) < 0 or e.num_samples < 1:
-        raise ValueError(
+        raise UserError(
             "config.eval: every, nll_batches and fid_samples must be >= 0, num_samples >= 1"
         )
     if e.fid_samples and e.fid_samples < 2:
-        raise ValueError("config.eval.fid_samples must be 0 (no FID) or at least 2")
+        raise UserError("config.eval.fid_samples must be 0 (no FID) or at least 2")

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from flax import traverse_util
 
+from ddpm_jax.errors import UserError
+
 EMA_SUFFIX = "/ExponentialMovingAverage"
 _SLOT_SUFFIXES = ("/Adam", "/Adam_1", "/Momentum", "/RMSProp", "/RMSProp_1")
 
@@ -77,7 +79,7 @@ def load_tf_checkpoint(path, expected, prefix="model/", ema=True):
     try:
         reader = tf.train.load_checkpoint(path)
     except (tf.errors.OpError, ValueError) as e:
-        raise ValueError(f"cannot read a TensorFlow checkpoint at {path!r}: {e}") from e
+        raise UserError(f"cannot read a TensorFlow checkpoint at {path!r}: {e}") from e
     shapes = reader.get_variable_to_shape_map()
     return params_from_tf_variables(shapes, reader.get_tensor, expected, prefix, ema)
 

@@ -14,6 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax.errors import UserError
 from ddpm_jax.schedules import Schedule
 
 MEAN_TYPES = ("eps", "x0", "xprev")  # what the network predicts (§3.2)
@@ -22,9 +23,9 @@ LOSS_TYPES = ("mse", "kl")  # L_simple (eq. 14) or the true bound (eq. 5)
 
 
 def check_choice(name, value, choices):
-    """Raise a ValueError naming `name` unless `value` is one of `choices`."""
+    """Raise a UserError naming `name` unless `value` is one of `choices`."""
     if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
+        raise UserError(f"unknown {name} {value!r}; choose one of {choices}")
 
 
 def _at(table, t, x):

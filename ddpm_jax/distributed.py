@@ -12,6 +12,8 @@ import time
 
 import jax
 
+from ddpm_jax.errors import UserError
+
 
 def settings_from_env(coordinator_address=None, num_processes=None, process_id=None):
     """Flags win over $DDPM_COORDINATOR / $DDPM_NUM_PROCESSES / $DDPM_PROCESS_ID."""
@@ -27,14 +29,14 @@ def settings_from_env(coordinator_address=None, num_processes=None, process_id=N
 def check_settings(coordinator_address, num_processes, process_id):
     """Raise ValueError naming the setting that cannot work."""
     if num_processes is None or num_processes < 1:
-        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+        raise UserError(f"num_processes must be >= 1, got {num_processes}")
     if process_id is None or not 0 <= process_id < num_processes:
-        raise ValueError(
+        raise UserError(
             f"process_id must be in [0, num_processes={num_processes}), got {process_id}"
         )
     host, _, port = (coordinator_address or "").rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"coordinator_address must be host:port, got {coordinator_address!r}")
+        raise UserError(f"coordinator_address must be host:port, got {coordinator_address!r}")
 
 
 def initialize(

@@ -24,6 +24,7 @@ from ddpm_jax import (
     sharding,
     unet,
 )
+from ddpm_jax.errors import UserError
 
 MODES = ("nll", "fid", "is", "fid_data")
 TB_NAMES = {"bpd": "nll_bpd", "fid": "fid", "is": "inception_score"}
@@ -41,17 +42,19 @@ def check_modes(modes, network=None):
     """Unknown modes, and IS without the classifier, fail before any work."""
     unknown = set(modes) - set(MODES)
     if unknown or not modes:
-        raise ValueError(f"evaluation modes must be among {MODES}, got {list(modes)}")
+        raise UserError(f"evaluation modes must be among {MODES}, got {list(modes)}")
     if "is" in modes and network is not None:
         inception.class_probabilities(network[0], np.zeros((1, 2048), np.float32))
 
 
-def nll(config, params, batch_size, max_batches=None, progress=False, devices=None, step_fn=None):
-    """(scalars, arrays) of the bound over config.data.eval_split."""
+def nll(config, params, batch_size, max_batches=None, progress=False, devices=None, step_fn=None,
+        seed=0):  # fmt: skip
+    """(scalars, arrays) of the bound over config.data.eval_split; example i's noise comes
+    from fold_in(PRNGKey(seed), i)."""
     model, sched = unet.UNet(config_lib.unet_config(config)), config_lib.make_schedule(config)
     result = evaluation.evaluate_bpd(
-        config, model, sched, params, batch_size, devices=devices, max_batches=max_batches,
-        progress=progress, step_fn=step_fn,
+        config, model, sched, params, batch_size, seed=seed, devices=devices,
+        max_batches=max_batches, progress=progress, step_fn=step_fn,
     )  # fmt: skip
     summary = evaluation.summarize_bpd(result)
     arrays = {k: v for k, v in summary.items() if isinstance(v, np.ndarray)}
@@ -100,10 +103,10 @@ def run(config, params, modes, num_samples, batch_size, max_batches=None, other_
         network = fid.load_network(config.eval.inception_path)
     check_modes(modes, network)
     if "fid_data" in modes and not other_split:
-        raise ValueError("mode fid_data needs the split to compare with (--other_split)")
+        raise UserError("mode fid_data needs the split to compare with (--other_split)")
     scalars, arrays, reference = {}, None, None
     if "nll" in modes:
-        scalars, arrays = nll(config, params, batch_size, max_batches, **kwargs)
+        scalars, arrays = nll(config, params, batch_size, max_batches, seed=seed, **kwargs)
     if {"fid", "fid_data"} & set(modes):
         reference = reference_statistics(config, network, batch_size, **kwargs)
         scalars["fid_reference"] = f"{config.data.dataset} {config.eval.fid_split}"

@@ -24,6 +24,7 @@ import scipy.linalg
 from jax.experimental import multihost_utils
 
 from ddpm_jax import evaluation, inception, sampling, sharding
+from ddpm_jax.errors import UserError
 
 # ---- The formulas ------------------------------------------------------------------------
 
@@ -100,7 +101,7 @@ def load_network(path):
     """(params, network_id) of the Inception file, or a clear error saying how to get it."""
     if path is None or not Path(path).is_file():
         problem = "no file is set" if path is None else f"{str(path)!r} does not exist"
-        raise ValueError(
+        raise UserError(
             f"FID/IS need the Inception network file and {problem}; pass "
             "--config.eval.inception_path=/path/to/inception-2015-12-05.pt (README: 'FID and IS')"
         )

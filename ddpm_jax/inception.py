@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax.errors import UserError
+
 NUM_TENSORS, NUM_VALUES = 376, 21_802_784
 _STORAGE_DTYPES = {"FloatStorage": np.float32}
 
@@ -74,7 +76,7 @@ def load_params(path):
             root = zf.namelist()[0].split("/")[0]
             top = _unpickler(zf, root).load()
     except (OSError, zipfile.BadZipFile, pickle.UnpicklingError, KeyError) as e:
-        raise ValueError(f"{path} is not the TorchScript FID Inception network: {e}") from e
+        raise UserError(f"{path} is not the TorchScript FID Inception network: {e}") from e
     flat = {}
 
     def walk(obj, prefix):
@@ -102,7 +104,7 @@ def params_from_tensors(flat, path="the network file"):
     classifier = {k: flat.pop(k) for k in ("output.weight", "output.bias") if k in flat}
     count, values = len(flat), sum(a.size for a in flat.values())
     if count != NUM_TENSORS or values != NUM_VALUES:
-        raise ValueError(
+        raise UserError(
             f"{path} holds {count} tensors / {values} values besides the classifier; the FID "
             f"Inception network has {NUM_TENSORS} / {NUM_VALUES}"
         )
@@ -112,7 +114,7 @@ def params_from_tensors(flat, path="the network file"):
     for name, value in flat.items():
         *layer, leaf = name.split(".")
         if leaf not in leaves:
-            raise ValueError(f"{path}: unexpected tensor {name!r} in the FID Inception network")
+            raise UserError(f"{path}: unexpected tensor {name!r} in the FID Inception network")
         collection, key = leaves[leaf]
         node = variables[collection]
         for part in layer:
@@ -120,9 +122,7 @@ def params_from_tensors(flat, path="the network file"):
         node[key] = np.transpose(value, (2, 3, 1, 0)) if leaf == "weight" else value
     if classifier:
         if classifier.get("output.weight", np.zeros(0)).shape != (1008, 2048):
-            raise ValueError(
-                f"{path}: the classifier must be 'output.weight' of shape (1008, 2048)"
-            )
+            raise UserError(f"{path}: the classifier must be 'output.weight' of shape (1008, 2048)")
         # The bias is unused (see class_probabilities).
         variables["params"]["output"] = {"kernel": classifier["output.weight"].T}
     return variables
@@ -136,7 +136,7 @@ def class_probabilities(variables, pool3):
     """p(y|x) over the 1008 outputs, softmax(pool3 · W) without the bias, as the original
     Inception Score code (and NVIDIA's) computes it."""
     if not has_classifier(variables):
-        raise ValueError(
+        raise UserError(
             "the Inception Score needs the network's 1008-way classifier, which this network "
             "file lacks (../shared/fid's copy is features only); pass "
             "--config.eval.inception_path=PATH of a copy that keeps it, e.g. NVIDIA's "

@@ -8,6 +8,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ddpm_jax.errors import UserError
+
 DATA_AXIS = "data"
 
 
@@ -36,7 +38,7 @@ def per_process_batch_size(global_batch_size):
     """The share of the global batch that this process reads."""
     count = jax.process_count()
     if global_batch_size % count:
-        raise ValueError(
+        raise UserError(
             f"global batch size {global_batch_size} is not divisible by the number of "
             f"processes ({count}); set --config.training.batch_size to a multiple of {count}"
         )
