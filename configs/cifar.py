@@ -51,6 +51,7 @@ def get_config():
     config.training.warmup_steps = 5000
     config.training.grad_clip = 1.0
     config.training.ema_decay = 0.9999
+    config.training.ema_warmup = False  # True: decay min(ema_decay, (1 + n) / (10 + n)) at update n
     config.training.log_every = 100
     config.training.checkpoint_every = 10_000
     config.training.keep_checkpoints = 3  # the last k ...

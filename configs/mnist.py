@@ -28,6 +28,7 @@ def get_config():
     config.training.learning_rate = 1e-3
     config.training.warmup_steps = 200
     config.training.ema_decay = 0.999
+    config.training.ema_warmup = True
     config.training.log_every = 50
     config.training.checkpoint_every = 500
     config.training.keep_period = 0

@@ -12,31 +12,27 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-FOLDER_PREFIX = "folder:"
+from ddpm_jax import data
+from ddpm_jax.errors import UserError
 
 
 def _builder(config):
     """The TFDS builder of config.data.dataset ('name[/config]' or 'folder:/path')."""
-    name, data_dir = config.data.dataset, config.data.data_dir
-    if name.startswith(FOLDER_PREFIX):
-        root = name[len(FOLDER_PREFIX) :]
+    name = config.data.dataset
+    if name.startswith(data.FOLDER_PREFIX):
+        root = name[len(data.FOLDER_PREFIX) :]
         if not os.path.isdir(root):
-            raise ValueError(f"config.data.dataset {name!r}: {root} is not a directory")
+            raise UserError(f"config.data.dataset {name!r}: {root} is not a directory")
         return tfds.folder_dataset.ImageFolder(root)
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(f"config.data.dataset {name!r} is not a TFDS dataset: {e}") from e
-    return builder
+    return data.builder(name, config.data.data_dir)
 
 
 def _not_prepared_message(config, split):
-    where = config.data.data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    name, where = config.data.dataset, data.default_data_dir(config.data.data_dir)
     return (
-        f"dataset {config.data.dataset!r} (split {split!r}) is not prepared in {where}. "
-        f"Prepare it once with `tfds build {config.data.dataset} --data_dir DIR` on a machine "
-        f"with internet (or follow the dataset's manual instructions), then pass "
-        f"--config.data.data_dir=DIR or set TFDS_DATA_DIR=DIR."
+        f"dataset {name!r} (split {split!r}) is not prepared in {where}: run "
+        f"`{data.prepare_command(name, where)}` (train.py and evaluate.py do this "
+        f"themselves), or pass --config.data.data_dir=DIR where it is prepared"
     )
 
 
@@ -48,7 +44,7 @@ def _process_shard(builder, split, process_index, process_count):
         return builder.as_dataset(split=subsplit, shuffle_files=False), True
     ds = builder.as_dataset(split=split, shuffle_files=False)  # no subsplits: shard by index
     if split not in builder.info.splits:
-        raise ValueError(f"unknown split {split!r}; the folder has {list(builder.info.splits)}")
+        raise UserError(f"unknown split {split!r}; the folder has {list(builder.info.splits)}")
     per_process = builder.info.splits[split].num_examples // process_count
     return ds.shard(process_count, process_index).take(per_process), False
 
@@ -60,21 +56,27 @@ def load_split(config, split, process_index=0, process_count=1, count=True, with
     try:
         ds, contiguous = _process_shard(builder, split, process_index, process_count)
     except (AssertionError, FileNotFoundError, tf.errors.NotFoundError) as e:
-        raise ValueError(_not_prepared_message(config, split)) from e
+        raise UserError(_not_prepared_message(config, split)) from e
     except ValueError as e:
         if "split" in str(e).lower():
-            raise ValueError(
+            raise UserError(
                 f"config.data: {config.data.dataset!r} cannot give split {split!r}: {e}"
             ) from e
-        raise ValueError(f"{_not_prepared_message(config, split)} ({e})") from e
+        raise UserError(f"{_not_prepared_message(config, split)} ({e})") from e
     ds = ds.map(lambda ex: ex["image"], num_parallel_calls=tf.data.AUTOTUNE)
+    channels = ds.element_spec.shape[-1]
+    if channels is not None and channels != config.data.num_channels:
+        raise UserError(
+            f"{config.data.dataset!r} images have {channels} channels; set "
+            f"--config.data.num_channels={channels}"
+        )
     if not count:
         return ds, None
     num = int(ds.cardinality())
     if num < 0:  # unknown (e.g. mocked data without metadata): count once
         num = int(ds.reduce(0, lambda n, _: n + 1))
     if num < 1:
-        raise ValueError(
+        raise UserError(
             f"split {split!r} of {config.data.dataset!r} is empty for process {process_index}"
         )
     if with_index:  # equal shards: contiguous blocks, or every process_count-th example

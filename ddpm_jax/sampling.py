@@ -6,6 +6,7 @@ and no trajectory is stored unless asked for.
 """
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from jax.experimental import multihost_utils
 
 from ddpm_jax import config_lib, diffusion, schedules, sharding, unet
 from ddpm_jax.checkpointing import restore_params  # noqa: F401 (the Colab needs both)
+from ddpm_jax.errors import UserError
 
 
 def example_keys(rng, num_samples, offset=0):
@@ -49,6 +51,13 @@ def _reverse_step(sched, model_fn, keys, mean_type, var_type, clip_x0, eta):
     return step
 
 
+def reverse_steps(step, x, t_top, length):
+    """`length` reverse steps t_top, t_top - 1, ... of step(x_t, t) -> (x_{t-1}, x̂_0), as one
+    `lax.scan`; t_top may be traced, so every segment of a chain shares one program."""
+    ts = t_top - jnp.arange(length, dtype=jnp.int32)
+    return jax.lax.scan(lambda x, t: (step(x, t)[0], None), x, ts)[0]
+
+
 def sample_loop(
     sched,
     model_fn,
@@ -70,10 +79,9 @@ def sample_loop(
     """
     t_start = sched.num_timesteps - 1 if t_start is None else t_start
     step = _reverse_step(sched, model_fn, keys, mean_type, var_type, clip_x0, eta)
-    ts = jnp.arange(t_start, -1, -1, dtype=jnp.int32)
     if every is None:
-        x_0, _ = jax.lax.scan(lambda x, t: (step(x, t)[0], None), x_T, ts)
-        return x_0
+        return reverse_steps(step, x_T, t_start, t_start + 1)
+    ts = jnp.arange(t_start, -1, -1, dtype=jnp.int32)
     if ts.shape[0] % every:
         raise ValueError(f"every={every} must divide the number of steps {ts.shape[0]}")
 
@@ -143,65 +151,143 @@ def save_png(path, grid):
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
 
 
-def sample(params, rng, offset=0, *, config, model, sched, num_samples, batch_sharding=None):
-    """num_samples images in [-1, 1] from p_θ with the config's mean and variance types:
-    samples offset .. offset + num_samples - 1 of the stream of `rng`, sample i depending
-    only on (params, rng, i). config.sampling: clip_x0, num_steps (0: all T steps;
-    fewer respace the chain), method ('ancestral' = Algorithm 2, or 'ddim' with eta)."""
-    d, data, s = config.diffusion, config.data, config.sampling
+def chain_length(config):
+    """Number of reverse steps config.sampling asks for (all T, or a respaced chain)."""
+    return config.sampling.num_steps or config.diffusion.num_timesteps
+
+
+def segment_length(num_steps, max_segments=20):
+    """Steps per segment of a chain (progress is reported between segments): the largest
+    divisor of num_steps that is at most ceil(num_steps / max_segments)."""
+    return max(k for k in range(1, -(-num_steps // max_segments) + 1) if num_steps % k == 0)
+
+
+def sample_init(rng, offset, *, config, num_samples):
+    """x_T of samples offset .. offset + num_samples - 1 of the stream of `rng`."""
+    data = config.data
     keys = example_keys(rng, num_samples, offset)
-    model_fn = lambda x, t: model.apply({"params": params}, x, t)
-    if s.num_steps and s.num_steps != sched.num_timesteps:
-        sched, model_fn = respaced(sched, model_fn, s.num_steps)
     shape = (data.image_size, data.image_size, data.num_channels)
-    x_T = initial_noise(keys, shape, sched.num_timesteps)
+    return initial_noise(keys, shape, chain_length(config))
+
+
+def sample_segment(params, rng, offset, x, t_top, *, config, model, sched, length):
+    """`length` steps of p_θ from chain step t_top down, for the samples of sample_init:
+    config.sampling's chain (num_steps: 0 for all T steps, fewer respace it), method
+    ('ancestral' = Algorithm 2, or 'ddim' with eta) and clip_x0."""
+    d, s = config.diffusion, config.sampling
+    model_fn = lambda x_t, t: model.apply({"params": params}, x_t, t)
+    if chain_length(config) != sched.num_timesteps:
+        sched, model_fn = respaced(sched, model_fn, s.num_steps)
+    keys = example_keys(rng, x.shape[0], offset)
+    eta = s.eta if s.method == "ddim" else None
+    step = _reverse_step(sched, model_fn, keys, d.mean_type, d.var_type, s.clip_x0, eta)
+    return reverse_steps(step, x, t_top, length)
+
+
+def sample(params, rng, offset=0, *, config, model, sched, num_samples, batch_sharding=None):
+    """num_samples images in [-1, 1] from p_θ, the whole chain in one program: samples
+    offset .. offset + num_samples - 1 of the stream of `rng`, sample i depending only on
+    (params, rng, i)."""
+    x_T = sample_init(rng, offset, config=config, num_samples=num_samples)
     if batch_sharding is not None:
         x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
-    eta = s.eta if s.method == "ddim" else None
-    return sample_loop(sched, model_fn, x_T, keys, d.mean_type, d.var_type, s.clip_x0, eta=eta)
+    n = chain_length(config)
+    return sample_segment(
+        params, rng, offset, x_T, n - 1, config=config, model=model, sched=sched, length=n
+    )
 
 
-def make_sample_fn(config, devices=None, progress=False):
+class StepProgress:
+    """A bar over reverse steps (process 0). Its clock starts when the first segment is
+    done, so its rate and ETA exclude compilation."""
+
+    def __init__(self, total, enabled, desc="sampling"):
+        self.total, self.desc, self.bar = total, desc, None
+        self.enabled = enabled and jax.process_index() == 0
+
+    def update(self, steps, x):
+        """Count `steps` once x (their result) is computed; blocks only when shown."""
+        if not self.enabled:
+            return
+        jax.block_until_ready(x)
+        if self.bar is None:
+            self.bar = tqdm.tqdm(
+                total=self.total, initial=steps, desc=self.desc, unit="step", dynamic_ncols=True
+            )
+        else:
+            self.bar.update(steps)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def check_num_samples(num_samples):
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
+        raise UserError(f"num_samples must be a whole number, got {num_samples!r}")
+    if num_samples < 1:
+        raise UserError(f"num_samples must be at least 1, got {num_samples}")
+
+
+def make_sample_fn(config, devices=None, progress=False, desc="sampling"):
     """sample_fn(params, rng, num_samples, output="uint8") -> NumPy NHWC images.
 
-    Samples are drawn in chunks of config.sampling.batch_size (rounded up to a multiple of
-    the device count), each split over all devices; one compilation serves every call
-    and chunk. Sample i depends only on (params, rng, i): the result is the same for any
-    chunk size or number of devices. output="float" gives [-1, 1] float32 instead.
+    Samples are drawn in chunks of at most config.sampling.batch_size (a multiple of the
+    device count, no larger than num_samples needs), each split over all devices, as
+    segments of the chain (sample_segment) so that `progress` can show a bar over reverse
+    steps; each chunk size compiles once, the segments share one program. Sample i depends
+    only on (params, rng, i): the result is the same for any chunk size or number of
+    devices. output="float" gives [-1, 1] float32 instead.
     """
     config_lib.check_diffusion(config)
     config_lib.check_sampling(config)
     mesh = sharding.make_mesh(devices)
-    chunk = -(-config.sampling.batch_size // mesh.size) * mesh.size
     batch_sh = sharding.batch_sharding(mesh)
-    fn = functools.partial(
-        sample,
-        config=config,
-        model=unet.UNet(config_lib.unet_config(config)),
-        sched=config_lib.make_schedule(config),
-        num_samples=chunk,
-        batch_sharding=batch_sh,
+    num_steps = chain_length(config)
+    length = segment_length(num_steps)
+    init = jax.jit(
+        functools.partial(sample_init, config=config),
+        static_argnames="num_samples",
+        out_shardings=batch_sh,
     )
-    jitted = jax.jit(fn, out_shardings=batch_sh)
+    segment = jax.jit(
+        functools.partial(
+            sample_segment,
+            config=config,
+            model=unet.UNet(config_lib.unet_config(config)),
+            sched=config_lib.make_schedule(config),
+            length=length,
+        ),
+        out_shardings=batch_sh,
+    )
+    most = -(-config.sampling.batch_size // mesh.size) * mesh.size
 
     def chunks(params, rng, num_samples):
         """The chunks as sharded device arrays in [-1, 1], the last one possibly longer
         than needed (samples past num_samples are extra draws of the same stream)."""
+        check_num_samples(num_samples)
+        size = min(most, -(-num_samples // mesh.size) * mesh.size)
         params = jax.device_put(params, sharding.replicated(mesh))
-        starts = range(0, num_samples, chunk)
-        show = progress and jax.process_index() == 0
-        for start in tqdm.tqdm(starts, unit="chunk", disable=not show):
-            yield jitted(params, rng, jnp.asarray(start, jnp.int32))
+        starts = range(0, num_samples, size)
+        bar = StepProgress(len(starts) * num_steps, progress, desc)
+        for start in starts:
+            offset = jnp.asarray(start, jnp.int32)
+            x = init(rng, offset, num_samples=size)
+            for t_top in range(num_steps - 1, -1, -length):
+                x = segment(params, rng, offset, x, jnp.asarray(t_top, jnp.int32))
+                bar.update(length, x)
+            yield x
+        bar.close()
 
     def sample_fn(params, rng, num_samples, output="uint8"):
         if output not in ("uint8", "float"):
-            raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
+            raise UserError(f"output must be 'uint8' or 'float', got {output!r}")
         # Kept on the devices; gathered to every host once, at the end.
         chunks_ = [c.block_until_ready() for c in chunks(params, rng, num_samples)]
         gathered = multihost_utils.process_allgather(chunks_, tiled=True)
         images = np.concatenate([np.asarray(c) for c in gathered])[:num_samples]
         return to_uint8(images) if output == "uint8" else images
 
-    sample_fn.jitted = jitted  # exposed so that callers can check it compiles once
+    sample_fn.segment = segment  # exposed so that callers can check it compiles once
     sample_fn.chunks = chunks
     return sample_fn

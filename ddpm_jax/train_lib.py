@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from ddpm_jax import (
     checkpointing,
     config_lib,
+    data,
     diffusion,
     eval_lib,
     input_pipeline,
@@ -35,6 +36,7 @@ from ddpm_jax import (
     sharding,
     unet,
 )
+from ddpm_jax.errors import UserError
 
 
 @flax.struct.dataclass
@@ -60,6 +62,16 @@ def make_optimizer(config):
         optax.clip_by_global_norm(config.training.grad_clip),
         optax.adam(learning_rate_schedule(config)),
     )
+
+
+def ema_decay_at(training, step):
+    """The EMA decay at update `step` (0-based): training.ema_decay (the paper), or with
+    training.ema_warmup min(ema_decay, (1 + step) / (10 + step)), so that early EMA
+    weights follow the trained ones instead of holding the initial ones."""
+    if not training.ema_warmup:
+        return training.ema_decay
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(training.ema_decay, (1.0 + step) / (10.0 + step))
 
 
 def init_state(config, model, tx):
@@ -95,7 +107,7 @@ def train_step(state, x0, *, config, model, sched, tx):
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    decay = config.training.ema_decay
+    decay = ema_decay_at(config.training, state.step)
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     metrics = dict(
         loss=loss,
@@ -136,18 +148,30 @@ def jit_train_step(config, model, sched, tx, mesh, abstract_state):
 
 
 def check_workdir(workdir):
-    """Create workdir if needed and make sure it is writable, before any work starts."""
+    """Create workdir if needed and make sure it is writable, before any work starts.
+    Returns (path, whether this call created it)."""
     path = Path(workdir).expanduser().resolve()
+    created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write_test_{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise ValueError(
+        raise UserError(
             f"workdir {str(path)!r} is not writable ({e}); choose another --workdir"
         ) from e
-    return path
+    return path, created
+
+
+def remove_if_unused(path):
+    """Delete a workdir this run created, if no file was written in it (a run that stopped
+    before its first step leaves nothing behind). Never touches a file."""
+    if any(p.is_file() for p in path.rglob("*")):
+        return
+    for sub in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        sub.rmdir()
+    path.rmdir()
 
 
 class _Preemption:
@@ -174,12 +198,14 @@ class _Preemption:
 class Trainer:
     """Everything a run needs, built (and checked) from a config before anything compiles."""
 
-    def __init__(self, config, workdir, devices=None):
+    def __init__(self, config, workdir, devices=None, prepare_data=False):
         self.config = config
-        devices = jax.devices() if devices is None else devices
+        self.devices = devices = jax.devices() if devices is None else devices
         self.model_config = config_lib.check_config(config, len(devices), jax.process_count())
-        self.workdir = check_workdir(workdir)
+        if prepare_data:
+            data.ensure_prepared(config, log=logging.info)
         input_pipeline.check_dataset(config, config.data.train_split)
+        self.workdir, self.created_workdir = check_workdir(workdir)
         self.mesh = sharding.make_mesh(devices)
         self.model = unet.UNet(self.model_config)
         self.sched = config_lib.make_schedule(config)
@@ -212,40 +238,35 @@ class Trainer:
             process_count=jax.process_count(),
         )
 
-    def sampler(self, num_samples):
-        """A jitted function (params, rng) -> num_samples images, split over all devices."""
-        batch_sh = sharding.batch_sharding(self.mesh)
-        fn = functools.partial(
-            sampling.sample,
-            config=self.config,
-            model=self.model,
-            sched=self.sched,
-            num_samples=num_samples,
-            batch_sharding=batch_sh,
-        )
-        return jax.jit(fn, out_shardings=batch_sh)
-
 
 class Reporter:
     """Metrics to TensorBoard and the log (process 0 only), with a progress bar on a terminal."""
 
-    def __init__(self, workdir, start_step, num_steps, batch_size):
+    def __init__(self, workdir, num_steps, batch_size):
         self.enabled = jax.process_index() == 0
-        self.batch_size, self.last_step, self.last_time = batch_size, start_step, time.time()
+        self.num_steps, self.batch_size = num_steps, batch_size
+        self.last_step = self.last_time = self.bar = None
         self.writer = (
             tf.summary.create_file_writer(str(workdir / "tensorboard")) if self.enabled else None
         )
-        self.bar = None
+
+    def begin(self, step):
+        """Start the clocks once `step` is done: the first step's compilation is not counted
+        in steps/s nor in the bar's rate and ETA."""
+        self.last_step, self.last_time = step, time.time()
         if self.enabled and sys.stderr.isatty():
             self.bar = tqdm.tqdm(
-                initial=start_step, total=num_steps, unit="step", dynamic_ncols=True
+                initial=step, total=self.num_steps, unit="step", dynamic_ncols=True
             )
 
     def write(self, step, scalars):
         """Log scalars at `step` and add steps/s and images/s since the last call."""
         now = time.time()
-        steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        scalars = dict(scalars, steps_per_s=steps_per_s, images_per_s=steps_per_s * self.batch_size)
+        if step > self.last_step:
+            steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
+            scalars = dict(
+                scalars, steps_per_s=steps_per_s, images_per_s=steps_per_s * self.batch_size
+            )
         self.last_step, self.last_time = step, now
         if not self.enabled:
             return
@@ -273,12 +294,12 @@ class Reporter:
             self.writer.close()
 
 
-def write_samples(trainer, state, reporter, sampler):
-    """EMA samples as workdir/samples/step_<N>.png and a TensorBoard image."""
-    rng = jax.random.fold_in(jax.random.PRNGKey(trainer.config.seed + 1), int(state.step))
-    images = sampling.to_uint8(
-        multihost_utils.process_allgather(sampler(state.ema_params, rng), tiled=True)
-    )
+def write_samples(trainer, state, reporter, sample_fn):
+    """config.training.num_sample_images EMA samples as workdir/samples/step_<N>.png
+    (N zero-padded to 8 digits) and a TensorBoard image."""
+    config = trainer.config
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), int(state.step))
+    images = sample_fn(state.ema_params, rng, config.training.num_sample_images)
     grid = sampling.image_grid(images)
     if jax.process_index() == 0:
         out = trainer.workdir / "samples"
@@ -311,28 +332,44 @@ def _should_stop(preempt, step, log_every):
     return bool(jnp.any(votes))
 
 
+def _setup(config, workdir, devices):
+    """(trainer, manager, evaluator, sample_fn, state), all built and checked before the
+    first step. A workdir this call created is removed again if setting up fails."""
+    trainer, t = Trainer(config, workdir, devices, prepare_data=True), config.training
+    try:
+        manager = checkpointing.make_manager(trainer.workdir, t.keep_checkpoints, t.keep_period)
+        evaluator = None
+        if config.eval.every:  # built first: a bad Inception path fails before any compiling
+            evaluator = eval_lib.PeriodicEvaluator(config, trainer.workdir, trainer.devices)
+        sample_fn = None
+        if t.sample_every:
+            show = sys.stderr.isatty()
+            sample_fn = sampling.make_sample_fn(config, trainer.devices, show, "sample grid")
+        state = trainer.restore_or_init(manager)
+    except BaseException:
+        if trainer.created_workdir:
+            remove_if_unused(trainer.workdir)
+        raise
+    return trainer, manager, evaluator, sample_fn, state
+
+
 def train_and_evaluate(config, workdir, devices=None):
     """Train (or resume) per config in workdir: checkpoints, TensorBoard, sample grids and
     periodic evaluation (config.eval.every)."""
-    trainer, t = Trainer(config, workdir, devices), config.training
-    manager = checkpointing.make_manager(trainer.workdir, t.keep_checkpoints, t.keep_period)
-    evaluator = None
-    if config.eval.every:  # built first: a bad Inception path fails before any compiling
-        evaluator = eval_lib.PeriodicEvaluator(config, trainer.workdir, trainer.mesh.devices)
-    state = trainer.restore_or_init(manager)
-    start = int(state.step)
+    trainer, manager, evaluator, sample_fn, state = _setup(config, workdir, devices)
+    t, start = config.training, int(state.step)
     if start >= t.num_steps:
         logging.info("step %d >= num_steps %d: nothing to do", start, t.num_steps)
         return state
-    data = trainer.data(start)
-    num_samples = -(-t.num_sample_images // trainer.mesh.size) * trainer.mesh.size
-    sampler = trainer.sampler(num_samples) if t.sample_every else None
-    reporter = Reporter(trainer.workdir, start, t.num_steps, t.batch_size)
+    batches = trainer.data(start)
+    reporter = Reporter(trainer.workdir, t.num_steps, t.batch_size)
     sums, count = jnp.zeros(2), 0
     with _Preemption() as preempt:
         for step in range(start + 1, t.num_steps + 1):
-            batch = sharding.global_batch(next(data), trainer.mesh)
+            batch = sharding.global_batch(next(batches), trainer.mesh)
             state, metrics = trainer.train_step(state, batch)
+            if step == start + 1:  # compiled and run: the clocks start now
+                reporter.begin(int(state.step))
             sums, count = sums + jnp.stack([metrics["loss"], metrics["grad_norm"]]), count + 1
             stop = _should_stop(preempt, step, t.log_every)
             last = step == t.num_steps or stop
@@ -344,8 +381,8 @@ def train_and_evaluate(config, workdir, devices=None):
             if step % t.checkpoint_every == 0 or last:
                 _check_finite(float(jnp.sum(sums)), step, manager)
                 checkpointing.save(manager, state, force=True)
-            if sampler is not None and step % t.sample_every == 0:
-                write_samples(trainer, state, reporter, sampler)
+            if sample_fn is not None and step % t.sample_every == 0:
+                write_samples(trainer, state, reporter, sample_fn)
             if evaluator is not None and step % config.eval.every == 0:
                 logging.info("step %d: eval %s", step, evaluator(state.ema_params, step))
             if stop:

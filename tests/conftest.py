@@ -1,5 +1,13 @@
-"""Test session setup: four fake CPU devices, so multi-device code runs on one CPU."""
+"""Test session setup: four fake CPU devices, so multi-device code runs on one CPU; the
+test assets (real MNIST, the FID network files) from environment variables.
 
+TFDS_DATA_DIR: a TFDS data dir with MNIST prepared (`python -m ddpm_jax.data prepare mnist
+--data_dir DIR`). DDPM_FID_DIR: inception-2015-12-05.pt and the reference outputs. Tests
+that need an absent asset are skipped, saying how to get it; with DDPM_REQUIRE_ASSETS=1
+(CI) every skip is a failure instead.
+"""
+
+import os
 import tempfile
 from pathlib import Path
 
@@ -15,6 +23,40 @@ jax.config.update("jax_num_cpu_devices", 4)
 # per session through a session-local persistent cache.
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="ddpm_jax_xla_cache_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+REQUIRE_ASSETS = os.environ.get("DDPM_REQUIRE_ASSETS") == "1"
+
+
+def mnist_data_dir():
+    """$TFDS_DATA_DIR if MNIST is prepared there; otherwise the calling test is skipped."""
+    data_dir = os.environ.get("TFDS_DATA_DIR")
+    if not data_dir or not (Path(data_dir) / "mnist").is_dir():
+        pytest.skip(
+            "needs real MNIST: run `python -m ddpm_jax.data prepare mnist --data_dir DIR` "
+            "once, then set TFDS_DATA_DIR=DIR"
+        )
+    return Path(data_dir)
+
+
+def fid_file(name="inception-2015-12-05.pt"):
+    """A file of $DDPM_FID_DIR (the FID network and its reference outputs), else skip."""
+    fid_dir = os.environ.get("DDPM_FID_DIR")
+    if not fid_dir or not (Path(fid_dir) / name).is_file():
+        pytest.skip(
+            f"needs {name} in $DDPM_FID_DIR: the FID Inception network file (README, "
+            f"'FID and IS') and the reference outputs made from it"
+        )
+    return Path(fid_dir) / name
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under DDPM_REQUIRE_ASSETS=1 a skipped test counts as failed."""
+    report = (yield).get_result()
+    if REQUIRE_ASSETS and report.skipped:
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but DDPM_REQUIRE_ASSETS=1: {report.longrepr}"
 
 
 @pytest.fixture(params=["float32", "x64"])
@@ -38,11 +80,12 @@ def randomize(params, seed=5, scale=0.05):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    """(config, model, params): configs/tiny.py with real MNIST and randomized parameters."""
+    """(config, model, params): configs/tiny.py (data from $TFDS_DATA_DIR) and randomized
+    parameters."""
     from ddpm_jax import config_lib, unet
 
     config = config_lib.load_config(ROOT / "configs" / "tiny.py")
-    config.data.data_dir = str(ROOT.parent / "shared" / "tensorflow_datasets")
+    config.data.data_dir = os.environ.get("TFDS_DATA_DIR")
     model = unet.UNet(config_lib.unet_config(config))
     x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
     params = jax.jit(model.init)(jax.random.key(0), x, t)["params"]

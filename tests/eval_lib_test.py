@@ -5,12 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fid_file, mnist_data_dir
 from PIL import Image
 
 from ddpm_jax import config_lib, eval_lib, plots, train_lib
 
 ROOT = Path(__file__).resolve().parents[1]
-NETWORK_FILE = ROOT.parent / "shared" / "fid" / "inception-2015-12-05.pt"
 
 
 def test_rate_distortion_plot_draws_the_curves(tmp_path):
@@ -54,7 +54,7 @@ def test_modes_are_checked_before_any_work(tiny_model):
     config = config.copy_and_resolve_references()
     with pytest.raises(ValueError, match="config.eval.inception_path"):
         eval_lib.run(config, params, ["fid"], 8, 8)
-    config.eval.inception_path = str(NETWORK_FILE)
+    config.eval.inception_path = str(fid_file())
     with pytest.raises(ValueError, match="1008-way classifier"):
         eval_lib.run(config, params, ["is"], 8, 8)
     with pytest.raises(ValueError, match="other_split"):
@@ -66,11 +66,11 @@ def test_modes_are_checked_before_any_work(tiny_model):
 
 def test_periodic_evaluation_during_training(tmp_path, monkeypatch):
     config = config_lib.load_config(ROOT / "configs" / "tiny.py")
-    config.data.data_dir = str(ROOT.parent / "shared" / "tensorflow_datasets")
+    config.data.data_dir = str(mnist_data_dir())
     config.training.update(num_steps=4, sample_every=0, checkpoint_every=4)
     config.sampling.batch_size = 8  # the same batch shape as the data: one Inception program
     config.eval.update(every=2, fid_split="test[:8]", fid_samples=8, nll_batches=1)
-    config.eval.update(inception_path=str(NETWORK_FILE), stats_dir=str(tmp_path / "stats"))
+    config.eval.update(inception_path=str(fid_file()), stats_dir=str(tmp_path / "stats"))
     built, make = [], eval_lib.PeriodicEvaluator
     monkeypatch.setattr(
         eval_lib, "PeriodicEvaluator", lambda *a: built.append(make(*a)) or built[0]
@@ -78,7 +78,7 @@ def test_periodic_evaluation_during_training(tmp_path, monkeypatch):
     train_lib.train_and_evaluate(config, tmp_path / "work")
     # Two evaluations, each program compiled once.
     assert built[0].bpd_fn._cache_size() == 1
-    assert built[0].activations_fn.sample_fn.jitted._cache_size() == 1
+    assert built[0].activations_fn.sample_fn.segment._cache_size() == 1
     assert [p.name[:19] for p in (tmp_path / "stats").iterdir()] == ["mnist_test-8_8x8x1_"]
     for step in (2, 4):
         result = json.loads((tmp_path / "work" / "eval" / f"step_{step}.json").read_text())

@@ -5,16 +5,16 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import fid_file, mnist_data_dir
 
 from ddpm_jax import config_lib, fid, inception, input_pipeline, sampling
 
 ROOT = Path(__file__).resolve().parents[1]
-NETWORK_FILE = ROOT.parent / "shared" / "fid" / "inception-2015-12-05.pt"
 
 
 @pytest.fixture(scope="module")
 def network():
-    return fid.load_network(NETWORK_FILE)
+    return fid.load_network(fid_file())
 
 
 def reference_features(params, images_uint8):
@@ -110,7 +110,7 @@ def test_load_network_names_the_missing_file(tmp_path):
 
 def tiny_config():
     config = config_lib.load_config(ROOT / "configs" / "tiny.py")
-    config.data.data_dir = str(ROOT.parent / "shared" / "tensorflow_datasets")
+    config.data.data_dir = str(mnist_data_dir())
     return config
 
 

@@ -1,22 +1,20 @@
-"""The FID Inception in JAX against the reference outputs in ../shared/fid."""
+"""The FID Inception in JAX against the reference outputs in $DDPM_FID_DIR."""
 
 import re
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from conftest import fid_file
 
 from ddpm_jax import inception
-
-FID_DIR = Path(__file__).resolve().parents[2] / "shared" / "fid"
 
 
 @pytest.fixture(scope="module")
 def net():
-    params = inception.load_params(FID_DIR / "inception-2015-12-05.pt")
-    return params, jax.jit(inception.features), np.load(FID_DIR / "reference.npz")
+    params = inception.load_params(fid_file())
+    return params, jax.jit(inception.features), np.load(fid_file("reference.npz"))
 
 
 def conv_layers():
@@ -45,7 +43,7 @@ def test_module_matches_the_network_file(net):
     pattern = re.compile(
         r"^net\.layers\.(\S+)\tConv2dLayer\t.*kernel=\((\d+), (\d+)\) stride=(\d) padding=(.*)$"
     )
-    rows = [pattern.match(line) for line in (FID_DIR / "layers.txt").read_text().splitlines()]
+    rows = [pattern.match(line) for line in fid_file("layers.txt").read_text().splitlines()]
     rows = [m for m in rows if m]
     layers = conv_layers()
     assert len(rows) == len(layers) == 94
@@ -69,7 +67,7 @@ def test_features_match_the_reference(net):
 
 
 def test_legacy_resize_matches_the_reference():
-    ref = np.load(FID_DIR / "reference.npz")
+    ref = np.load(fid_file("reference.npz"))
     resized = np.asarray(inception.preprocess(ref["images_32"][[0, 4]])) * 128 + 128
     np.testing.assert_allclose(resized, ref["resized_32_nvresize_idx0_4"], atol=2e-3)
     np.testing.assert_allclose(inception.legacy_resize_matrix(299), np.eye(299), atol=1e-12)

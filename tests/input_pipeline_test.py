@@ -1,4 +1,4 @@
-"""The input pipeline on real MNIST (../shared) and on mocked CIFAR10."""
+"""The input pipeline on real MNIST ($TFDS_DATA_DIR) and on mocked CIFAR10."""
 
 import hashlib
 from pathlib import Path
@@ -6,16 +6,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import mnist_data_dir
 
 from ddpm_jax import config_lib, input_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = ROOT.parent / "shared" / "tensorflow_datasets"
 
 
 def mnist_config(**data):
     config = config_lib.load_config(ROOT / "configs" / "mnist.py")
-    config.data.data_dir = str(DATA_DIR)
+    config.data.data_dir = str(mnist_data_dir())
     config.data.update(data)
     return config
 

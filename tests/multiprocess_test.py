@@ -16,6 +16,7 @@ from ddpm_jax import checkpointing, config_lib, distributed, sampling, sharding,
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 import multiprocess_worker as worker  # noqa: E402
+from conftest import mnist_data_dir  # noqa: E402
 
 
 def free_port():
@@ -51,6 +52,7 @@ def run_two_processes(workdir, out, timeout=420):
 
 
 def test_two_processes_equal_one_and_checkpoint_moves_between_them(tmp_path):
+    mnist_data_dir()  # the workers read $TFDS_DATA_DIR
     out = tmp_path / "two.npz"
     run_two_processes(tmp_path / "work", out)
     two = np.load(out)

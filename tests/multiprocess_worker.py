@@ -3,6 +3,7 @@
 python tests/multiprocess_worker.py COORDINATOR PROCESS_ID WORKDIR OUT.npz
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from ddpm_jax import (  # noqa: E402
 
 def tiny_config():
     config = config_lib.load_config(ROOT / "configs" / "tiny.py")
-    config.data.data_dir = str(ROOT.parent / "shared" / "tensorflow_datasets")
+    config.data.data_dir = os.environ["TFDS_DATA_DIR"]  # set by the test
     config.training.sample_every = 0
     return config
 

@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import mnist_data_dir
 
-from ddpm_jax import checkpointing, diffusion, sampling, schedules
+from ddpm_jax import checkpointing, config_lib, diffusion, sampling, schedules
+from ddpm_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +89,7 @@ def test_sample_fn_devices_chunks_and_one_trace(tiny_model):
     assert a.shape == (6, 8, 8, 1) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a[:3], c)
-    assert on_four.jitted._cache_size() == 1  # every call and chunk used one compilation
+    assert on_four.segment._cache_size() == 1  # every call, chunk and segment: one program
     config.sampling.batch_size = 6
     on_one = sampling.make_sample_fn(config, devices=jax.devices()[:1])
     d = on_one(params, jax.random.PRNGKey(0), 6, output="float")
@@ -100,7 +102,8 @@ def test_sample_fn_devices_chunks_and_one_trace(tiny_model):
 def test_restore_params_reads_the_ema_weights(tmp_path, tiny_model):
     from ddpm_jax import train_lib
 
-    config = tiny_model[0]
+    config = tiny_model[0].copy_and_resolve_references()
+    config.data.data_dir = str(mnist_data_dir())
     trainer = train_lib.Trainer(config, tmp_path)
     state = trainer.init()
     state = state.replace(ema_params=jax.tree.map(lambda a: a + 1.0, state.ema_params))
@@ -204,3 +207,45 @@ def test_from_shared_x_t():
     first = sampling.from_shared_x_t(sched, toy_model, x_t, 0, keys, "eps", "fixedsmall")
     np.testing.assert_array_equal(first[0], first[1])
     np.testing.assert_array_equal(first[1], first[2])
+
+
+def test_segment_lengths_divide_the_chain():
+    assert sampling.segment_length(1000) == 50  # 20 segments
+    assert sampling.segment_length(20) == 1 and sampling.segment_length(1) == 1
+    assert sampling.segment_length(50) == 2 and sampling.segment_length(4000) == 200
+    assert sampling.segment_length(997) == 1  # a prime: one step per segment
+    for n in range(1, 300):
+        k = sampling.segment_length(n)
+        assert n % k == 0 and k <= -(-n // 20)
+        assert all(n % j for j in range(k + 1, -(-n // 20) + 1))  # the largest such
+
+
+@pytest.mark.parametrize("method, num_steps", [("ancestral", 0), ("ddim", 5)])
+def test_segmented_chain_equals_the_whole_chain(tiny_model, method, num_steps, capsys):
+    """sample_fn (chain cut into segments, chunks no larger than needed, a bar over reverse
+    steps) draws what `sample` draws as one scan, for the same samples i."""
+    config, model, params = tiny_model
+    config = config.copy_and_resolve_references()
+    config.sampling.update(batch_size=8, method=method, num_steps=num_steps)
+    rng = jax.random.PRNGKey(11)
+    whole = sampling.sample(
+        params, rng, config=config, model=model, sched=config_lib.make_schedule(config),
+        num_samples=8,
+    )  # fmt: skip
+    sample_fn = sampling.make_sample_fn(config, progress=True)
+    got = sample_fn(params, rng, 8, output="float")
+    np.testing.assert_allclose(got, whole, rtol=1e-5, atol=1e-5)
+    steps = num_steps or config.diffusion.num_timesteps
+    assert f"{steps}/{steps}" in capsys.readouterr().err  # the bar counted every step
+    # 3 samples: one chunk of 4 (the device count), not of 8; samples 0-2 unchanged.
+    chunks = list(sample_fn.chunks(params, rng, 3))
+    assert [c.shape[0] for c in chunks] == [4]
+    np.testing.assert_allclose(chunks[0][:3], whole[:3], rtol=1e-5, atol=1e-5)
+    assert sample_fn.segment._cache_size() == 2  # one program per chunk size (8 and 4)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "8"])
+def test_sample_fn_names_a_bad_sample_count(tiny_model, bad):
+    config, _, params = tiny_model
+    with pytest.raises(UserError, match="num_samples must be"):
+        sampling.make_sample_fn(config)(params, jax.random.PRNGKey(0), bad)

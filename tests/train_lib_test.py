@@ -8,16 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import mnist_data_dir
 
 from ddpm_jax import checkpointing, config_lib, input_pipeline, sharding, train_lib
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = ROOT.parent / "shared" / "tensorflow_datasets"
 
 
 def tiny_config(**training):
     config = config_lib.load_config(ROOT / "configs" / "tiny.py")
-    config.data.data_dir = str(DATA_DIR)
+    config.data.data_dir = str(mnist_data_dir())
     config.training.sample_every = 0
     config.training.update(training)
     return config
@@ -53,19 +53,27 @@ def test_one_step_golden_numbers_and_single_trace(trainer):
 
 
 def test_ema_and_adam_update(trainer):
-    """EMA after one step is decay·θ_0 + (1 - decay)·θ_1, exactly."""
+    """EMA after update n is d_n·EMA + (1 - d_n)·θ_{n+1}, exactly: with the warm-up (the tiny
+    and MNIST configs) d_n = min(d, (1 + n) / (10 + n)); without it (the paper's) d_n = d."""
     state0 = trainer.init()
     params0 = jax.tree.map(np.asarray, state0.params)
     x0 = sharding.global_batch(fixed_batch(), trainer.mesh)
     state1, _ = trainer.train_step(trainer.init(), x0)
     params1 = jax.tree.map(np.array, state1.params)  # a copy: state1 is donated below
     state2, _ = trainer.train_step(state1, x0)
-    allclose(params1, params0)  # the first update has lr 0 (warmup from 0)
-    d = trainer.config.training.ema_decay
+    allclose(params1, params0)  # the first update has lr 0 (warmup from 0): EMA_1 = θ_1
+    training = trainer.config.training
+    assert training.ema_warmup
+    d = min(training.ema_decay, 2 / 11)  # update n = 1
     want = jax.tree.map(lambda e, p: d * e + (1 - d) * p, params1, state2.params)
     allclose(state2.ema_params, want)
     moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), state2.params, params1)
     assert max(jax.tree.leaves(moved)) > 1e-4
+    for n in (0, 1, 50, 10**5):
+        want = min(training.ema_decay, (1 + n) / (10 + n))
+        np.testing.assert_allclose(float(train_lib.ema_decay_at(training, n)), want, rtol=1e-6)
+    paper = config_lib.load_config(ROOT / "configs" / "cifar.py").training
+    assert not paper.ema_warmup and train_lib.ema_decay_at(paper, 0) == 0.9999
 
 
 def test_overfits_a_fixed_batch(tmp_path):

@@ -7,18 +7,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from conftest import fid_file, mnist_data_dir
 from PIL import Image
 
 from ddpm_jax import checkpointing, config_lib, train_lib
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = ROOT.parent / "shared" / "tensorflow_datasets"
-FID_DIR = ROOT.parent / "shared" / "fid"
 
 
 def run_train(workdir, *overrides):
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.py")]
-    cmd += ["--workdir", str(workdir), f"--config.data.data_dir={DATA_DIR}", *overrides]
+    cmd += ["--workdir", str(workdir), f"--config.data.data_dir={mnist_data_dir()}", *overrides]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
 
@@ -48,16 +47,17 @@ def test_train_py_rejects_a_bad_override_at_once(tmp_path):
 def test_evaluate_py_writes_the_bound_and_fids(tmp_path):
     # A checkpoint written from this process's 4 devices, evaluated by a 2-device process.
     config = config_lib.load_config(ROOT / "configs" / "tiny.py")
-    config.data.data_dir = str(DATA_DIR)
+    config.data.data_dir = str(mnist_data_dir())
     manager = checkpointing.make_manager(tmp_path)
     state = train_lib.Trainer(config, tmp_path).init()
     checkpointing.save(manager, state.replace(step=state.step + 2))
     manager.wait_until_finished()
     cmd = [sys.executable, str(ROOT / "evaluate.py"), "--config", str(ROOT / "configs" / "tiny.py")]
-    cmd += ["--workdir", str(tmp_path), f"--config.data.data_dir={DATA_DIR}", "--batch_size=4"]
+    cmd += ["--workdir", str(tmp_path), f"--config.data.data_dir={config.data.data_dir}"]
+    cmd += ["--batch_size=4"]
     cmd += ["--max_batches=2", "--eval=nll,fid,fid_data", "--num_samples=4"]
     cmd += ["--config.eval.fid_split=test[:4]", "--other_split=test[4:8]"]
-    cmd += [f"--config.eval.inception_path={FID_DIR / 'inception-2015-12-05.pt'}"]
+    cmd += [f"--config.eval.inception_path={fid_file()}"]
     cmd += [f"--config.eval.stats_dir={tmp_path / 'stats'}"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
