@@ -15,9 +15,9 @@ Modes (--eval, comma-separated):
 Writes WORKDIR/eval/step_N.json and TensorBoard scalars (eval/nll_bpd, eval/fid, ...).
 """
 
-import os
+from ddpm_jax import cli
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow loads: no C++ INFO
+cli.quiet_tensorflow()  # before anything imports TensorFlow
 
 import json
 
@@ -25,7 +25,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import checkpointing, cli, config_lib, data, distributed, eval_lib
+from ddpm_jax import checkpointing, config_lib, data, distributed, eval_lib
 
 FLAGS = flags.FLAGS
 distributed.define_flags()

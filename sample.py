@@ -7,9 +7,9 @@ writes OUT.png (a grid) and OUT.npz (uint8 NHWC array 'images'). --params DIR re
 parameters written by `python -m ddpm_jax.convert` instead of a training workdir.
 """
 
-import os
+from ddpm_jax import cli
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow loads: no C++ INFO
+cli.quiet_tensorflow()  # before anything imports TensorFlow
 
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ddpm_jax import checkpointing, cli, distributed, sampling
+from ddpm_jax import checkpointing, distributed, sampling
 
 FLAGS = flags.FLAGS
 distributed.define_flags()

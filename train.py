@@ -7,14 +7,14 @@
 Resumes from the latest checkpoint in --workdir. SIGTERM saves a checkpoint and exits.
 """
 
-import os
+from ddpm_jax import cli
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow loads: no C++ INFO
+cli.quiet_tensorflow()  # before anything imports TensorFlow
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import cli, distributed, train_lib
+from ddpm_jax import distributed, train_lib
 
 FLAGS = flags.FLAGS
 distributed.define_flags()

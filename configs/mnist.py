@@ -1,11 +1,13 @@
-"""A small MNIST model that learns recognisable digits in minutes on a 2-core CPU.
+"""A small MNIST model, the quickstart: recognisable digits within minutes on a 2-core CPU.
 
-    TFDS_DATA_DIR=../shared/tensorflow_datasets \
-        python train.py --config configs/mnist.py --workdir /tmp/ddpm_mnist
+    python train.py --config configs/mnist.py --workdir /tmp/ddpm_mnist
 
 The paper's method and schedule (T = 1000, linear β, ε-prediction, L_simple) on a
 U-Net shrunk to 28x28x1 images: ch 32, ch_mult (1, 2, 2), one residual block per
-resolution, attention at 7x7. Uses real MNIST prepared by TFDS (download=False).
+resolution, attention at 7x7; batch 32, Adam 1e-3, EMA 0.999 with warm-up (decay
+min(0.999, (1 + n) / (10 + n)) at update n, so early grids show the model, not its
+initialisation). MNIST is downloaded and prepared by TFDS on first use.
+Measured on a 2-core CPU: QUICKSTART_DETAIL
 """
 
 from configs import cifar
@@ -24,7 +26,7 @@ def get_config():
     config.model.attn_resolutions = (7,)
     config.model.dropout = 0.0
     config.training.batch_size = 32
-    config.training.num_steps = 4_000
+    config.training.num_steps = 3_750
     config.training.learning_rate = 1e-3
     config.training.warmup_steps = 200
     config.training.ema_decay = 0.999
@@ -32,11 +34,11 @@ def get_config():
     config.training.log_every = 50
     config.training.checkpoint_every = 500
     config.training.keep_period = 0
-    config.training.sample_every = 2_000
-    config.training.num_sample_images = 36
+    config.training.sample_every = 1_250
+    config.training.num_sample_images = 16
     config.sampling.batch_size = 64
     config.eval.batch_size = 16
     config.eval.fid_split = "test"
-    config.eval.every = 2_000  # the bound on 16 test images, ~1 minute on 2 CPU cores
+    config.eval.every = 3_750  # the bound on 16 test images, ~1 minute on 2 CPU cores
     config.eval.fid_samples = 0  # 1000-step samples are slow on a CPU; FID via evaluate.py
     return config

@@ -7,10 +7,9 @@ terms give the rate / distortion curve of the paper's Table 4 and Fig. 5.
 
 import jax
 import numpy as np
-import tqdm
 from jax.experimental import multihost_utils
 
-from ddpm_jax import diffusion, input_pipeline, sharding
+from ddpm_jax import diffusion, input_pipeline, sampling, sharding
 
 # ---- Variational bound over a split ------------------------------------------------------
 
@@ -47,7 +46,7 @@ def map_split(step, config, batch_size, mesh, split=None, max_batches=None, prog
     total = (
         -(-num // per_process) if max_batches is None else min(max_batches, -(-num // per_process))
     )
-    bar = tqdm.tqdm(total=total, unit="batch", disable=not progress or jax.process_index() != 0)
+    bar = sampling.Progress(total, progress, "batches", unit="batch")
     outs, masks, indices = [], [], []
     for x0, mask, index in ds.take(total).as_numpy_iterator():
         x0, index, mask = sharding.global_batch((x0, index.astype(np.int32), mask), mesh)
@@ -56,8 +55,9 @@ def map_split(step, config, batch_size, mesh, split=None, max_batches=None, prog
         indices.append(index)
         if len(outs) > 1:  # one batch stays in flight; the bar counts finished ones
             jax.block_until_ready(outs[-2])
-            bar.update()
-    bar.update(len(outs) - bar.n)
+            bar.update(1, outs[-2])
+    if outs:
+        bar.update(1, outs[-1])
     bar.close()
     outs, masks, indices = multihost_utils.process_allgather((outs, masks, indices), tiled=True)
     keep = np.concatenate(masks) > 0

@@ -197,25 +197,25 @@ def sample(params, rng, offset=0, *, config, model, sched, num_samples, batch_sh
     )
 
 
-class StepProgress:
-    """A bar over reverse steps (process 0). Its clock starts when the first segment is
-    done, so its rate and ETA exclude compilation."""
+class Progress:
+    """A progress bar (process 0) whose clock starts at the first update, once the first
+    piece of work is done, so that its rate and ETA exclude compilation."""
 
-    def __init__(self, total, enabled, desc="sampling"):
-        self.total, self.desc, self.bar = total, desc, None
+    def __init__(self, total, enabled, desc="sampling", unit="step"):
+        self.total, self.desc, self.unit, self.bar = total, desc, unit, None
         self.enabled = enabled and jax.process_index() == 0
 
-    def update(self, steps, x):
-        """Count `steps` once x (their result) is computed; blocks only when shown."""
+    def update(self, n, x):
+        """Count n units once x (their result) is computed; blocks only when shown."""
         if not self.enabled:
             return
         jax.block_until_ready(x)
         if self.bar is None:
             self.bar = tqdm.tqdm(
-                total=self.total, initial=steps, desc=self.desc, unit="step", dynamic_ncols=True
+                total=self.total, initial=n, desc=self.desc, unit=self.unit, dynamic_ncols=True
             )
         else:
-            self.bar.update(steps)
+            self.bar.update(n)
 
     def close(self):
         if self.bar is not None:
@@ -269,7 +269,7 @@ def make_sample_fn(config, devices=None, progress=False, desc="sampling"):
         size = min(most, -(-num_samples // mesh.size) * mesh.size)
         params = jax.device_put(params, sharding.replicated(mesh))
         starts = range(0, num_samples, size)
-        bar = StepProgress(len(starts) * num_steps, progress, desc)
+        bar = Progress(len(starts) * num_steps, progress, desc)
         for start in starts:
             offset = jnp.asarray(start, jnp.int32)
             x = init(rng, offset, num_samples=size)

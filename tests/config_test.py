@@ -7,6 +7,7 @@ import jax
 import pytest
 
 from ddpm_jax import config_lib, convert
+from ddpm_jax.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL = ["cifar", "celeba_hq", "lsun_church", "lsun_bedroom", "lsun_cat", "mnist", "tiny"]
@@ -85,13 +86,24 @@ def test_256_configs(name, flip, steps):
         ("sampling.method", "dpm", "sampling.method"),
         ("sampling.num_steps", 21, "num_steps"),
         ("sampling.eta", 1.5, "eta"),
+        ("data.image_size", -8, "image_size must be a positive integer"),
+        ("training.learning_rate", float("nan"), "learning_rate must be > 0"),
+        ("training.learning_rate", 0.0, "learning_rate must be > 0"),
+        ("training.num_steps", -1, "num_steps must be >= 1"),
+        ("training.log_every", 0, "log_every must be >= 1"),
+        ("training.checkpoint_every", 0, "checkpoint_every must be >= 1"),
+        ("training.keep_checkpoints", 0, "keep_checkpoints must be >= 1"),
+        ("training.keep_period", -5, r"keep_period must be >= 0 \(0: off\)"),
+        ("training.sample_every", -1, r"sample_every must be >= 0 \(0: off\)"),
+        ("training.num_sample_images", 0, "num_sample_images must be >= 1"),
     ],
 )
 def test_bad_settings_are_named(setting, value, word):
+    """Each fails at once as a UserError (one line from the entry points) naming it."""
     config = load("tiny")
     group, key = setting.split(".")
     config[group][key] = value
-    with pytest.raises(ValueError, match=word):
+    with pytest.raises(UserError, match=word):
         config_lib.check_config(config, num_devices=4)
 
 
