@@ -5,7 +5,7 @@ received so far) and the distortion (RMSE of x̂_0 on the [0, 255] scale).
 """
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 PANEL_W, PANEL_H, MARGIN = 360, 260, 48
 INK, GRID, LINE = (0, 0, 0), (220, 220, 220), (31, 119, 180)
@@ -23,7 +23,7 @@ def _ticks(lo, hi, n=5):
     return np.linspace(lo, hi, n)
 
 
-def _panel(draw, origin, x, y, title, y_label):
+def _panel(draw, font, origin, x, y, title, y_label):
     """One line plot with axes, 5 ticks per axis and a title, at origin (left, top)."""
     ox, oy = origin
     box = (ox + MARGIN, oy + 24, ox + PANEL_W - 12, oy + PANEL_H - 36)
@@ -34,13 +34,13 @@ def _panel(draw, origin, x, y, title, y_label):
         _, py = to_pixels(0, ty, box, x_range, y_range)
         draw.line([(px, box[1]), (px, box[3])], fill=GRID)
         draw.line([(box[0], py), (box[2], py)], fill=GRID)
-        draw.text((px - 12, box[3] + 4), f"{tx:.4g}", fill=INK)
-        draw.text((ox + 2, py - 6), f"{ty:.3g}", fill=INK)
+        draw.text((px - 12, box[3] + 4), f"{tx:.4g}", fill=INK, font=font)
+        draw.text((ox + 2, py - 6), f"{ty:.3g}", fill=INK, font=font)
     draw.rectangle(box, outline=INK)
     px, py = to_pixels(x, y, box, x_range, y_range)
     draw.line(list(zip(px.tolist(), py.tolist(), strict=True)), fill=LINE, width=2)
-    draw.text((box[0], oy + 6), f"{title} ({y_label})", fill=INK)
-    draw.text((box[0] + 80, box[3] + 18), "reverse process steps (T - t)", fill=INK)
+    draw.text((box[0], oy + 6), f"{title} ({y_label})", fill=INK, font=font)
+    draw.text((box[0] + 80, box[3] + 18), "reverse process steps (T - t)", fill=INK, font=font)
     return box, x_range, y_range
 
 
@@ -56,9 +56,10 @@ def rate_distortion_png(path, rate_bpd, distortion_rmse):
     steps = rate.size - np.arange(rate.size)  # index t = 0..T-1 is reached after T - t steps
     image = Image.new("RGB", (2 * PANEL_W, PANEL_H), "white")
     draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=12)  # scalable where PIL has FreeType: even spacing
     panels = [
-        _panel(draw, (0, 0), steps, rate, "Rate", "bits/dim"),
-        _panel(draw, (PANEL_W, 0), steps, distortion, "Distortion", "RMSE, [0, 255]"),
+        _panel(draw, font, (0, 0), steps, rate, "Rate", "bits/dim"),
+        _panel(draw, font, (PANEL_W, 0), steps, distortion, "Distortion", "RMSE, [0, 255]"),
     ]
     image.save(path)
     return panels
