@@ -4,6 +4,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from conftest import mnist_data_dir
 
 from ddpm_jax import config_lib, evaluation, input_pipeline
 
@@ -13,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bound_over_a_split_sharded_equals_unsharded(tiny_model):
     config, model, params = tiny_model
     config = config.copy_and_resolve_references()
-    config.data.eval_split = "test[:20]"
+    config.data.update(data_dir=str(mnist_data_dir()), eval_split="test[:20]")
     sched = config_lib.make_schedule(config)
     four = evaluation.evaluate_bpd(config, model, sched, params, batch_size=8)
     one = evaluation.evaluate_bpd(  # another device count and batch size
