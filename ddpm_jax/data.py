@@ -40,18 +40,20 @@ def builder(name, data_dir=None):
     try:
         return tfds.builder(name, data_dir=default_data_dir(data_dir))
     except tfds.core.registered.DatasetNotFoundError:
-        close = difflib.get_close_matches(name.split("/")[0].split(":")[0], tfds.list_builders())
-        hint = f"; did you mean {', '.join(close[:3])}?" if close else ""
+        known = tfds.list_builders(with_community_datasets=False)  # offline: no GCS lookup
+        close = difflib.get_close_matches(name.split("/")[0].split(":")[0], known)
+        hint = f"; did you mean {', '.join(close[:3])}?" if close else "."
         raise UserError(
-            f"config.data.dataset {name!r} is not a TFDS dataset{hint} (or use "
-            f"'{FOLDER_PREFIX}/path/to/images' for your own images)"
+            f"dataset {name!r} (config.data.dataset) is not a TFDS dataset{hint} Or use "
+            f"'{FOLDER_PREFIX}/path/to/images' for your own images."
         ) from None
 
 
 def download_hosts(tfds_builder):
-    """The hosts a builder downloads its source files from (its registered URLs)."""
-    urls = tfds_builder.url_infos or {}
-    return sorted({urllib.parse.urlparse(url).hostname for url in urls} - {None})
+    """(host, port) pairs a builder downloads its source files from (its registered URLs)."""
+    urls = [urllib.parse.urlparse(url) for url in tfds_builder.url_infos or {}]
+    ports = {"http": 80, "https": 443, "ftp": 21}
+    return sorted({(u.hostname, u.port or ports.get(u.scheme, 443)) for u in urls if u.hostname})
 
 
 def reachable(host, port=443, timeout=PROBE_TIMEOUT_S):
@@ -72,8 +74,8 @@ def check_downloadable(tfds_builder):
             f"https://www.tensorflow.org/datasets/catalog/{name}, put the files in "
             f"{root}/downloads/manual, then run `{prepare_command(name, root)}`"
         )
-    for host in download_hosts(tfds_builder):
-        if not reachable(host):
+    for host, port in download_hosts(tfds_builder):
+        if not reachable(host, port):
             raise UserError(
                 f"dataset {name!r} is not prepared in {root} and cannot be downloaded here "
                 f"({host} is unreachable: offline?). On a machine with internet run "

@@ -51,7 +51,7 @@ def mocked_download(tmp_path, monkeypatch):
         return {key: source / MNIST_FILES[key] for key in url_or_urls}
 
     def reachable(host, port=443, timeout=data.PROBE_TIMEOUT_S):
-        calls["hosts"].append(host)
+        calls["hosts"].append((host, port))
         return True
 
     monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", download_and_extract)
@@ -71,7 +71,7 @@ def test_quickstart_prepares_mnist_on_first_use_then_trains(tmp_path, mocked_dow
     assert builder.is_prepared()
     assert builder.info.splits["train"].num_examples == 40
     assert builder.info.splits["test"].num_examples == 12
-    assert mocked_download["hosts"] == ["storage.googleapis.com"]
+    assert mocked_download["hosts"] == [("storage.googleapis.com", 443)]
     assert len(mocked_download["urls"]) == 1
     assert set(mocked_download["urls"][0]) == set(MNIST_FILES)
     train_lib.train_and_evaluate(config, tmp_path / "again")  # prepared: nothing downloaded
@@ -113,7 +113,8 @@ def test_offline_train_py_fails_in_seconds_with_one_line(tmp_path):
 
 
 def test_unknown_and_manual_datasets_are_named(tmp_path):
-    with pytest.raises(data.UserError, match=r"'mnits' is not a TFDS dataset; did you mean mnist"):
+    unknown = r"'mnits' \(config.data.dataset\) is not a TFDS dataset; did you mean mnist"
+    with pytest.raises(data.UserError, match=unknown):
         data.builder("mnits", str(tmp_path))
     with pytest.raises(data.UserError, match="needs a manual download"):
         data.check_downloadable(data.builder("imagenet2012", str(tmp_path)))
