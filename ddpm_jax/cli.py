@@ -14,7 +14,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from ddpm_jax.errors import UserError
+from ddpm_jax.errors import UserError, file_system_error
 
 PACKAGE_DIR = str(Path(__file__).resolve().parent)
 # Warnings that say nothing a user can act on.
@@ -35,7 +35,8 @@ def quiet_tensorflow():
 
 class QuietLibraries(logging.Filter):
     """Keep every record of this project (the package and the entry point) and the other
-    libraries' warnings and errors, less the HARMLESS ones."""
+    libraries' warnings and errors, less the HARMLESS ones, as one line each (without their
+    tracebacks: an error that stops a run is reported once, at the end)."""
 
     def __init__(self, entry_point):
         super().__init__()
@@ -44,9 +45,12 @@ class QuietLibraries(logging.Filter):
     def filter(self, record):
         if record.pathname.startswith(self.ours):
             return True
-        return record.levelno >= logging.WARNING and not any(
-            text in record.getMessage() for text in HARMLESS
-        )
+        message = record.getMessage()
+        if record.levelno < logging.WARNING or any(text in message for text in HARMLESS):
+            return False
+        record.msg, record.args = (message.strip().splitlines() or [""])[0], None
+        record.exc_info = record.exc_text = record.stack_info = None
+        return True
 
 
 def quiet_libraries(entry_point):
@@ -57,7 +61,8 @@ def quiet_libraries(entry_point):
 
 
 def run(main, entry_point):
-    """absl's app.run(main), with quiet libraries and UserError as one line, exit 1."""
+    """absl's app.run(main), with quiet libraries; a UserError or an error of the file
+    system is one line (exit 1), Ctrl-C one line (exit 130)."""
 
     def wrapped(argv):
         verbose = flags.FLAGS.verbosity >= 1
@@ -65,10 +70,16 @@ def run(main, entry_point):
             quiet_libraries(entry_point)
         try:
             return main(argv)
-        except UserError as e:
+        except KeyboardInterrupt:
             if verbose:
                 raise
-            print(f"error: {e}", file=sys.stderr)
+            print("interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:
+            line = str(e) if isinstance(e, UserError) else file_system_error(e)
+            if verbose or line is None:
+                raise
+            print(f"error: {line}", file=sys.stderr)
             return 1
 
     app.run(wrapped)
