@@ -53,12 +53,12 @@ def main(argv):
     eval_lib.check_modes(FLAGS.eval)
     batch_size = config.eval.batch_size if FLAGS.batch_size is None else FLAGS.batch_size
     config_lib.check_batch("eval.batch_size", batch_size, jax.device_count(), jax.process_count())
-    step = int(checkpointing.latest_step_dir(FLAGS.workdir).parent.name)
+    params, step = checkpointing.restore_params(FLAGS.workdir, config)
     if set(FLAGS.eval) & {"nll", "fid", "fid_data"}:  # these read the dataset
         data.ensure_prepared(config, log=logging.info)
     scalars, arrays = eval_lib.run(
         config,
-        checkpointing.restore_params(FLAGS.workdir),
+        params,
         FLAGS.eval,
         config.eval.num_samples if FLAGS.num_samples is None else FLAGS.num_samples,
         batch_size,

@@ -37,7 +37,7 @@ def load_params():
     if (FLAGS.workdir is None) == (FLAGS.params is None):
         raise app.UsageError("give exactly one of --workdir and --params")
     if FLAGS.workdir is not None:
-        return checkpointing.restore_params(FLAGS.workdir)
+        return checkpointing.restore_params(FLAGS.workdir, FLAGS.config)[0]
     return checkpointing.restore_converted(FLAGS.params)
 
 

@@ -4,7 +4,9 @@
     python train.py --config configs/mnist.py --workdir /tmp/ddpm_mnist \
         --config.training.batch_size=32
 
-Resumes from the latest checkpoint in --workdir. SIGTERM saves a checkpoint and exits.
+Resumes from the newest good checkpoint in --workdir (a damaged newer one is named and moved
+to WORKDIR/damaged_checkpoints/). SIGTERM, SIGHUP or Ctrl-C save a checkpoint and stop; a
+second Ctrl-C stops at once. One training run at a time holds WORKDIR/train.lock.
 """
 
 from ddpm_jax import cli
@@ -27,7 +29,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     distributed.initialize_from_flags()
-    logging.info("config:\n%s", FLAGS.config)
+    # The whole config is in each checkpoint's record (WORKDIR/checkpoints/N/record/metadata).
+    logging.info(
+        "config %s, workdir %s", config_flags.get_config_filename(FLAGS["config"]), FLAGS.workdir
+    )
     train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

@@ -6,22 +6,18 @@ fold_in(state.rng, state.step), takes one gradient step on the configured loss
 and updates the EMA of the parameters.
 """
 
+import dataclasses
 import functools
 import math
-import os
 import signal
 import sys
 import threading
-import time
-from pathlib import Path
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
-import tensorflow as tf
-import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -32,11 +28,13 @@ from ddpm_jax import (
     diffusion,
     eval_lib,
     input_pipeline,
+    reporting,
     sampling,
     sharding,
     unet,
 )
-from ddpm_jax.errors import UserError
+from ddpm_jax import workdir as workdir_lib
+from ddpm_jax.errors import UserError, file_system_error
 
 
 @flax.struct.dataclass
@@ -147,52 +145,33 @@ def jit_train_step(config, model, sched, tx, mesh, abstract_state):
 # ---- The training loop --------------------------------------------------------------------
 
 
-def check_workdir(workdir):
-    """Create workdir if needed and make sure it is writable, before any work starts.
-    Returns (path, whether this call created it)."""
-    path = Path(workdir).expanduser().resolve()
-    created = not path.exists()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test_{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(
-            f"workdir {str(path)!r} is not writable ({e}); choose another --workdir"
-        ) from e
-    return path, created
+class StopSignals:
+    """SIGTERM, SIGHUP (a closed terminal) and a first Ctrl-C (SIGINT) become a flag the loop
+    checks, so that it saves a checkpoint and stops cleanly. A second Ctrl-C stops at once
+    (KeyboardInterrupt), after the save in flight is finished."""
 
-
-def remove_if_unused(path):
-    """Delete a workdir this run created, if no file was written in it (a run that stopped
-    before its first step leaves nothing behind). Never touches a file."""
-    if any(p.is_file() for p in path.rglob("*")):
-        return
-    for sub in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        sub.rmdir()
-    path.rmdir()
-
-
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks, so that it can save and stop cleanly."""
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
+        self._previous = {}
 
     def __enter__(self):
-        self._previous = signal.getsignal(signal.SIGTERM)
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM: saving a checkpoint and stopping")
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        name = signal.Signals(signum).name
+        again = " (Ctrl-C again: stop without saving)" if signum == signal.SIGINT else ""
+        logging.warning("%s: saving a checkpoint and stopping%s", name, again)
         self.requested = True
 
     def __exit__(self, *exc):
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 class Trainer:
@@ -205,7 +184,7 @@ class Trainer:
         if prepare_data:
             data.ensure_prepared(config, log=logging.info)
         input_pipeline.check_dataset(config, config.data.train_split)
-        self.workdir, self.created_workdir = check_workdir(workdir)
+        self.workdir, self.created_workdir = workdir_lib.check_workdir(workdir)
         self.mesh = sharding.make_mesh(devices)
         self.model = unet.UNet(self.model_config)
         self.sched = config_lib.make_schedule(config)
@@ -217,14 +196,19 @@ class Trainer:
         )
         self.batch_size = sharding.per_process_batch_size(config.training.batch_size)
 
-    def restore_or_init(self, manager):
-        """The latest checkpoint in the workdir, or a fresh state."""
+    def restore(self, quarantine=False):
+        """(state, step) of the newest good checkpoint in the workdir, or (None, None)."""
         shardings = state_shardings(self.abstract_state, self.mesh)
         target = checkpointing.with_shardings(self.abstract_state, shardings)
-        state = checkpointing.restore(manager, target)
+        return checkpointing.restore(self.workdir, target, self.config, quarantine)
+
+    def restore_or_init(self):
+        """The newest good checkpoint in the workdir (damaged newer ones are moved aside),
+        or a fresh state."""
+        state, step = self.restore(quarantine=True)
         if state is None:
             return self.init()
-        logging.info("resumed from step %d", int(state.step))
+        logging.info("resumed from step %d", step)
         return state
 
     def data(self, start_step):
@@ -239,154 +223,165 @@ class Trainer:
         )
 
 
-class Reporter:
-    """Metrics to TensorBoard and the log (process 0 only), with a progress bar on a terminal."""
-
-    def __init__(self, workdir, num_steps, batch_size):
-        self.enabled = jax.process_index() == 0
-        self.num_steps, self.batch_size = num_steps, batch_size
-        self.last_step = self.last_time = self.bar = None
-        self.writer = (
-            tf.summary.create_file_writer(str(workdir / "tensorboard")) if self.enabled else None
-        )
-
-    def begin(self, step):
-        """Start the clocks once `step` is done: the first step's compilation is not counted
-        in steps/s nor in the bar's rate and ETA."""
-        self.last_step, self.last_time = step, time.time()
-        if self.enabled and sys.stderr.isatty():
-            self.bar = tqdm.tqdm(
-                initial=step, total=self.num_steps, unit="step", dynamic_ncols=True
-            )
-
-    def write(self, step, scalars):
-        """Log scalars at `step` and add steps/s and images/s since the last call."""
-        now = time.time()
-        if step > self.last_step:
-            steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
-            scalars = dict(
-                scalars, steps_per_s=steps_per_s, images_per_s=steps_per_s * self.batch_size
-            )
-        self.last_step, self.last_time = step, now
-        if not self.enabled:
-            return
-        with self.writer.as_default(step=step):
-            for name, value in scalars.items():
-                tf.summary.scalar(name, value)
-        self.writer.flush()
-        text = ", ".join(f"{k} {v:.4g}" for k, v in scalars.items())
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix_str(text)
-        else:
-            logging.info("step %d: %s", step, text)
-
-    def image(self, step, name, grid):
-        if self.enabled:
-            with self.writer.as_default(step=step):
-                tf.summary.image(name, grid[None], max_outputs=1)
-            self.writer.flush()
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+class Diverged(UserError):
+    """A non-finite loss or gradient norm: training stops, and that state is not saved."""
 
 
-def write_samples(trainer, state, reporter, sample_fn):
-    """config.training.num_sample_images EMA samples as workdir/samples/step_<N>.png
-    (N zero-padded to 8 digits) and a TensorBoard image."""
-    config = trainer.config
-    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), int(state.step))
-    images = sample_fn(state.ema_params, rng, config.training.num_sample_images)
-    grid = sampling.image_grid(images)
-    if jax.process_index() == 0:
-        out = trainer.workdir / "samples"
-        out.mkdir(exist_ok=True)
-        sampling.save_png(out / f"step_{int(state.step):08d}.png", grid)
-        reporter.image(int(state.step), "ema_samples", grid)
-
-
-def _check_finite(value, step, manager):
+def _check_finite(value, step):
     if not math.isfinite(value):
-        last = manager.latest_step()
-        kept = (
-            f"the last good checkpoint (step {last}) is untouched"
-            if last is not None
-            else "no checkpoint was written"
-        )
-        raise FloatingPointError(
-            f"non-finite loss or gradient norm at or before step {step}; training stopped and "
-            f"{kept}. Lower config.training.learning_rate or check the data."
+        raise Diverged(
+            f"non-finite loss or gradient norm at or before step {step}: training stopped "
+            "without saving it. Lower config.training.learning_rate or check the data."
         )
 
 
-def _should_stop(preempt, step, log_every):
+def _should_stop(signals, step, log_every):
     """All processes must agree to stop (saving is collective): vote at log steps."""
     if jax.process_count() == 1:
-        return preempt.requested
+        return signals.requested
     if step % log_every:
         return False
-    votes = multihost_utils.process_allgather(jnp.asarray(preempt.requested))
+    votes = multihost_utils.process_allgather(jnp.asarray(signals.requested))
     return bool(jnp.any(votes))
 
 
+def _lock(path):
+    """Lock the workdir for this process group: process 0 holds the lock, and if it cannot,
+    every process stops with its message."""
+    lock, error = workdir_lib.Lock(path), ""
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except UserError as e:
+            error = str(e)
+    if jax.process_count() > 1:
+        failed = multihost_utils.broadcast_one_to_all(jnp.int32(bool(error)))
+        error = error or ("process 0 could not lock the workdir" if int(failed) else "")
+    if error:
+        raise UserError(error)
+    return lock
+
+
+@dataclasses.dataclass
+class Run:
+    """What a training run holds from setup to its end."""
+
+    trainer: Trainer
+    lock: workdir_lib.Lock
+    manager: Any = None
+    evaluator: Any = None
+    sample_fn: Any = None
+    reporter: Any = None
+
+    def close(self):
+        """Release everything (the lock last), whatever state the run ended in."""
+        for close in (self.manager and self.manager.close, self.reporter and self.reporter.close):
+            try:
+                close and close()
+            except Exception as e:  # already reported by the run's own error
+                logging.warning("while closing: %s", e)
+        self.lock.release()
+
+
 def _setup(config, workdir, devices):
-    """(trainer, manager, evaluator, sample_fn, state), all built and checked before the
-    first step. A workdir this call created is removed again if setting up fails."""
+    """(run, state), all built and checked before the first step. A workdir this call
+    created is removed again if setting up fails."""
     trainer, t = Trainer(config, workdir, devices, prepare_data=True), config.training
+    run = Run(trainer, _lock(trainer.workdir))
     try:
-        manager = checkpointing.make_manager(trainer.workdir, t.keep_checkpoints, t.keep_period)
-        evaluator = None
         if config.eval.every:  # built first: a bad Inception path fails before any compiling
-            evaluator = eval_lib.PeriodicEvaluator(config, trainer.workdir, trainer.devices)
-        sample_fn = None
+            run.evaluator = eval_lib.PeriodicEvaluator(config, trainer.workdir, trainer.devices)
         if t.sample_every:
             show = sys.stderr.isatty()
-            sample_fn = sampling.make_sample_fn(config, trainer.devices, show, "sample grid")
-        state = trainer.restore_or_init(manager)
+            run.sample_fn = sampling.make_sample_fn(config, trainer.devices, show, "sample grid")
+        state = trainer.restore_or_init()  # holding the lock: it may move damaged steps aside
+        run.manager = checkpointing.make_manager(trainer.workdir, t.keep_checkpoints, t.keep_period)
     except BaseException:
+        run.close()
         if trainer.created_workdir:
-            remove_if_unused(trainer.workdir)
+            workdir_lib.remove_if_unused(trainer.workdir)
         raise
-    return trainer, manager, evaluator, sample_fn, state
+    run.reporter = reporting.Reporter(trainer.workdir, t.num_steps, t.batch_size)
+    return run, state
+
+
+def _last_good(run):
+    """Finish (or report the failure of) the save in flight, then a sentence naming the
+    newest checkpoint that reads and verifies."""
+    try:
+        run.manager.wait_until_finished()
+    except Exception as e:
+        logging.error("the checkpoint being saved was not committed: %s", e)
+    directory = checkpointing.checkpoint_dir(run.trainer.workdir)
+    try:
+        _, step = run.trainer.restore()
+    except UserError as e:
+        return str(e)
+    if step is None:
+        return "No checkpoint was written."
+    return f"The last good checkpoint is step {step} in {directory}."
+
+
+def _end_of_step(run, state, step, last):
+    """Checkpoint, sample grid and evaluation due after `step`."""
+    config, t = run.trainer.config, run.trainer.config.training
+    if step % t.checkpoint_every == 0 or last:
+        checkpointing.save(run.manager, state, config, force=True)
+    if run.sample_fn is not None and step % t.sample_every == 0:
+        reporting.write_samples(run.trainer, state, run.reporter, run.sample_fn)
+    if run.evaluator is not None and step % config.eval.every == 0:
+        logging.info("step %d: eval %s", step, run.evaluator(state.ema_params, step))
+
+
+def _train(run, state, signals):
+    """Steps from state.step to num_steps, or until a stop signal (then saved)."""
+    trainer, t = run.trainer, run.trainer.config.training
+    start = int(state.step)
+    batches = trainer.data(start)
+    sums, count = jnp.zeros(2), 0
+    for step in range(start + 1, t.num_steps + 1):
+        state, metrics = trainer.train_step(
+            state, sharding.global_batch(next(batches), trainer.mesh)
+        )
+        if step == start + 1:  # compiled and run: the clocks start now
+            run.reporter.begin(int(state.step))
+        sums, count = sums + jnp.stack([metrics["loss"], metrics["grad_norm"]]), count + 1
+        stop = _should_stop(signals, step, t.log_every)
+        last = step == t.num_steps or stop
+        if step % t.log_every == 0 or last or step % t.checkpoint_every == 0:
+            loss, grad_norm = (float(v) / count for v in sums)
+            _check_finite(loss + grad_norm, step)  # before anything is saved
+        if step % t.log_every == 0 or last:
+            run.reporter.write(step, dict(loss=loss, grad_norm=grad_norm, lr=float(metrics["lr"])))
+            sums, count = jnp.zeros(2), 0
+        _end_of_step(run, state, step, last)
+        if stop:
+            logging.warning("stopped at step %d, saved: the same command resumes", step)
+            break
+    return state
 
 
 def train_and_evaluate(config, workdir, devices=None):
     """Train (or resume) per config in workdir: checkpoints, TensorBoard, sample grids and
-    periodic evaluation (config.eval.every)."""
-    trainer, manager, evaluator, sample_fn, state = _setup(config, workdir, devices)
-    t, start = config.training, int(state.step)
-    if start >= t.num_steps:
-        logging.info("step %d >= num_steps %d: nothing to do", start, t.num_steps)
+    periodic evaluation (config.eval.every). On any exit the save in flight is finished
+    first, and an error names the last good checkpoint."""
+    run, state = _setup(config, workdir, devices)
+    try:
+        if int(state.step) >= config.training.num_steps:
+            logging.info("step %d >= num_steps: nothing to do", int(state.step))
+            return state
+        with StopSignals() as signals:
+            state = _train(run, state, signals)
+        run.manager.wait_until_finished()
         return state
-    batches = trainer.data(start)
-    reporter = Reporter(trainer.workdir, t.num_steps, t.batch_size)
-    sums, count = jnp.zeros(2), 0
-    with _Preemption() as preempt:
-        for step in range(start + 1, t.num_steps + 1):
-            batch = sharding.global_batch(next(batches), trainer.mesh)
-            state, metrics = trainer.train_step(state, batch)
-            if step == start + 1:  # compiled and run: the clocks start now
-                reporter.begin(int(state.step))
-            sums, count = sums + jnp.stack([metrics["loss"], metrics["grad_norm"]]), count + 1
-            stop = _should_stop(preempt, step, t.log_every)
-            last = step == t.num_steps or stop
-            if step % t.log_every == 0 or last:
-                loss, grad_norm = (float(v) / count for v in sums)
-                _check_finite(loss + grad_norm, step, manager)
-                reporter.write(step, dict(loss=loss, grad_norm=grad_norm, lr=float(metrics["lr"])))
-                sums, count = jnp.zeros(2), 0
-            if step % t.checkpoint_every == 0 or last:
-                _check_finite(float(jnp.sum(sums)), step, manager)
-                checkpointing.save(manager, state, force=True)
-            if sample_fn is not None and step % t.sample_every == 0:
-                write_samples(trainer, state, reporter, sample_fn)
-            if evaluator is not None and step % config.eval.every == 0:
-                logging.info("step %d: eval %s", step, evaluator(state.ema_params, step))
-            if stop:
-                break
-    manager.wait_until_finished()
-    reporter.close()
-    return state
+    except BaseException as error:
+        note = _last_good(run)
+        if isinstance(error, UserError):
+            raise type(error)(f"{error} {note}") from None
+        line = file_system_error(error)
+        if line is not None:
+            raise UserError(f"{line}. {note}") from error
+        logging.error("training stopped by %s. %s", type(error).__name__, note)
+        raise
+    finally:
+        run.close()

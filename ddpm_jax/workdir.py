@@ -1,0 +1,142 @@
+"""The training workdir: created and checked before any work starts, removed again only if
+a run that created it wrote nothing, and locked so that one training run writes it at a time.
+
+The lock is `workdir/train.lock` (JSON: host, pid, start time), whose modification time a
+daemon thread refreshes every HEARTBEAT_S seconds. A lock is stale, and is taken over with
+a warning, when that heartbeat is older than STALE_S or when its holder was a process of
+this host that no longer exists (a killed run). Otherwise the second run stops at once
+with a message naming the holder.
+"""
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from absl import logging
+
+from ddpm_jax.errors import UserError
+
+HEARTBEAT_S = 30.0
+STALE_S = 120.0
+
+
+def check_workdir(workdir):
+    """Create workdir if needed and make sure it is writable, before any work starts.
+    Returns (path, whether this call created it)."""
+    path = Path(workdir).expanduser().resolve()
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"workdir {str(path)!r} is not writable ({e}); choose another --workdir"
+        ) from e
+    return path, created
+
+
+def remove_if_unused(path):
+    """Delete a workdir this run created, if no file was written in it (a run that stopped
+    before its first step leaves nothing behind). Never touches a file."""
+    if any(p.is_file() for p in path.rglob("*")):
+        return
+    for sub in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        sub.rmdir()
+    path.rmdir()
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+class Lock:
+    """`with Lock(workdir):` holds workdir/train.lock for the duration (see the module)."""
+
+    def __init__(self, workdir):
+        self.path = Path(workdir) / "train.lock"
+        self.holder = dict(host=socket.gethostname(), pid=os.getpid(), since=time.time())
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _read(self):
+        """(holder dict or None if unreadable, seconds since its last heartbeat)."""
+        try:
+            age = time.time() - self.path.stat().st_mtime
+            return json.loads(self.path.read_text()), age
+        except FileNotFoundError:
+            return None, float("inf")
+        except (OSError, ValueError):  # being written, or damaged: judged by its age alone
+            return None, age
+
+    def _is_stale(self, holder, age):
+        if age > STALE_S:
+            return True
+        return (
+            bool(holder)
+            and holder.get("host") == self.holder["host"]
+            and (not _process_exists(holder.get("pid", -1)))
+        )
+
+    def _busy_message(self, holder, age):
+        who = "another run"
+        if holder:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+            who = f"pid {holder.get('pid')} on host {holder.get('host')} (since {since})"
+        return (
+            f"workdir {str(self.path.parent)!r} is being trained by {who}, alive "
+            f"{age:.0f} s ago; stop that run first, or use another --workdir. If it is gone, "
+            f"its lock {self.path} expires {STALE_S:.0f} s after its last heartbeat"
+        )
+
+    def acquire(self):
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder, age = self._read()
+                if not self._is_stale(holder, age):
+                    raise UserError(self._busy_message(holder, age)) from None
+                logging.warning("taking over the stale lock %s of %s", self.path, holder)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.holder, f)
+            self._thread = threading.Thread(target=self._beat, daemon=True)
+            self._thread.start()
+            return self
+        raise UserError(f"could not lock {self.path}: other runs keep taking it")
+
+    def _beat(self):
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self):
+        """Remove the lock if it is still ours (never another run's)."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        holder, _ = self._read()
+        if holder == self.holder:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
