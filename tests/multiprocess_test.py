@@ -65,7 +65,7 @@ def test_two_processes_equal_one_and_checkpoint_moves_between_them(tmp_path):
     for key, value in flat:
         np.testing.assert_allclose(two["/".join(map(str, key))], value, rtol=1e-4, atol=1e-5)
     # The two-process checkpoint restores here, in one process, and samples the same images.
-    restored = checkpointing.restore_params(tmp_path / "work")
+    restored, _ = checkpointing.restore_params(tmp_path / "work", worker.tiny_config())
     samples = sampling.make_sample_fn(worker.tiny_config())(restored, jax.random.PRNGKey(0), 8)
     np.testing.assert_array_equal(samples, two["samples"])
     # The bound over a split read half by half in two processes = one process.

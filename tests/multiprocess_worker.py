@@ -56,7 +56,7 @@ def main(coordinator, process_id, workdir, out):
         rows = batch[process_id * half : (process_id + 1) * half]
         state, _ = trainer.train_step(state, sharding.global_batch(rows, trainer.mesh))
     manager = checkpointing.make_manager(workdir)
-    checkpointing.save(manager, state)
+    checkpointing.save(manager, state, tiny_config())
     manager.wait_until_finished()
     samples = sampling.make_sample_fn(tiny_config())(state.ema_params, jax.random.PRNGKey(0), 8)
     local = lambda a: np.asarray(a.addressable_data(0))  # replicated: every shard is whole

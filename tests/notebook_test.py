@@ -17,7 +17,7 @@ def test_sample_notebook_runs(tmp_path, monkeypatch):
     config.data.data_dir = str(mnist_data_dir())
     trainer = train_lib.Trainer(config, tmp_path)
     manager = checkpointing.make_manager(tmp_path)
-    checkpointing.save(manager, trainer.init())  # a fresh model is enough to run every cell
+    checkpointing.save(manager, trainer.init(), config)  # a fresh model is enough to run every cell
     manager.wait_until_finished()
     monkeypatch.setenv("DDPM_WORKDIR", str(tmp_path))
     monkeypatch.setenv("DDPM_CONFIG", str(ROOT / "configs" / "tiny.py"))

@@ -108,12 +108,13 @@ def test_restore_params_reads_the_ema_weights(tmp_path, tiny_model):
     state = trainer.init()
     state = state.replace(ema_params=jax.tree.map(lambda a: a + 1.0, state.ema_params))
     manager = checkpointing.make_manager(tmp_path)
-    checkpointing.save(manager, state)
+    checkpointing.save(manager, state, config)
     manager.wait_until_finished()
-    restored = checkpointing.restore_params(tmp_path)
+    restored, step = checkpointing.restore_params(tmp_path, config)
     jax.tree.map(np.testing.assert_array_equal, restored, state.ema_params)
+    assert step == 0
     with pytest.raises(ValueError, match="no checkpoint"):
-        checkpointing.restore_params(tmp_path / "elsewhere")
+        checkpointing.restore_params(tmp_path / "elsewhere", config)
 
 
 def test_image_grid_layout():

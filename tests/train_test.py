@@ -15,8 +15,9 @@ from ddpm_jax import checkpointing, config_lib, train_lib
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_train(workdir, *overrides):
-    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.py")]
+def run_train(workdir, *overrides, prefix=()):
+    cmd = [*prefix, sys.executable, str(ROOT / "train.py")]
+    cmd += ["--config", str(ROOT / "configs" / "tiny.py")]
     cmd += ["--workdir", str(workdir), f"--config.data.data_dir={mnist_data_dir()}", *overrides]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
@@ -53,7 +54,7 @@ def test_evaluate_py_writes_the_bound_and_fids(tmp_path):
     config.data.data_dir = str(mnist_data_dir())
     manager = checkpointing.make_manager(tmp_path)
     state = train_lib.Trainer(config, tmp_path).init()
-    checkpointing.save(manager, state.replace(step=state.step + 2))
+    checkpointing.save(manager, state.replace(step=state.step + 2), config)
     manager.wait_until_finished()
     cmd = [sys.executable, str(ROOT / "evaluate.py"), "--config", str(ROOT / "configs" / "tiny.py")]
     cmd += ["--workdir", str(tmp_path), f"--config.data.data_dir={config.data.data_dir}"]

@@ -1,0 +1,225 @@
+"""Checkpoints: records, fingerprints, the fallback past damaged steps, settings that
+disagree, the rotation, and the workdir lock (tiny config, CPU)."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import mnist_data_dir
+
+from ddpm_jax import checkpointing, config_lib, train_lib, workdir
+from ddpm_jax.errors import UserError, file_system_error
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config():
+    config = config_lib.load_config(ROOT / "configs" / "tiny.py")
+    config.data.data_dir = str(mnist_data_dir())
+    return config
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    """An initial train state of the tiny config."""
+    return train_lib.Trainer(tiny_config(), tmp_path_factory.mktemp("init")).init()
+
+
+def write(path, state, steps, config=None):
+    """Checkpoints of `state` at each step, its parameters shifted by the step."""
+    manager = checkpointing.make_manager(path, keep=10)
+    for step in steps:
+        shifted = jax.tree.map(lambda a, s=step: a + s, state.params)
+        checkpointing.save(
+            manager,
+            state.replace(step=jnp.int32(step), params=shifted, ema_params=shifted),
+            config or tiny_config(),
+        )
+        manager.wait_until_finished()
+    manager.close()
+
+
+def step_of(params, state):
+    """Which step's shifted parameters `params` are."""
+    shift = np.asarray(params["conv_in"]["bias"]) - np.asarray(state.params["conv_in"]["bias"])
+    return round(float(shift[0]))
+
+
+def test_fingerprint_is_two_wrapping_sums_of_the_words():
+    x = np.array([[1.5, -2.0], [np.pi, 1e30]], np.float32)
+    words = x.view(np.uint32).ravel().astype(np.uint64)
+    want = [int(words.sum() % 2**32), int((words * np.arange(1, 5)).sum() % 2**32)]
+    assert checkpointing.fingerprint({"a": jnp.asarray(x)}) == {"a": want}
+    flipped = x.copy().view(np.uint32)
+    flipped[1, 0] ^= 1 << 7  # one bit of one mantissa
+    swapped = x[::-1].copy()
+    for other in (flipped.view(np.float32), swapped):
+        assert checkpointing.fingerprint({"a": jnp.asarray(other)}) != {"a": want}
+    half = jnp.asarray([1, 2, 3], jnp.bfloat16)  # 2-byte words count too
+    assert checkpointing.fingerprint({"h": half})["h"][0] == sum(
+        int(w) for w in np.asarray(half).view(np.uint16)
+    )
+
+
+def test_record_holds_the_settings_and_restore_verifies(tmp_path, fresh):
+    write(tmp_path, fresh, [3])
+    record = json.loads((tmp_path / "checkpoints" / "3" / "record" / "metadata").read_text())
+    assert record["step"] == 3 and record["settings"]["diffusion.num_timesteps"] == 20
+    assert record["settings"]["model.ch_mult"] == [1, 2] and record["config"]["seed"] == 0
+    assert len(record["fingerprint"]) == len(jax.tree.leaves(checkpointing.as_dict(fresh)))
+    params, step = checkpointing.restore_params(tmp_path, tiny_config())
+    assert step == 3 and step_of(params, fresh) == 3
+
+
+@pytest.mark.parametrize(
+    "change, listed",
+    [
+        (lambda c: c.model.update(ch=64), "model.ch=32 (this config: 64)"),
+        (lambda c: c.diffusion.update(num_timesteps=30), "diffusion.num_timesteps=20"),
+        (lambda c: c.data.update(image_size=16), "data.image_size=8 (this config: 16)"),
+    ],
+)
+def test_other_settings_fail_at_once_listing_them(tmp_path, two_steps, change, listed):
+    copy(two_steps, tmp_path)
+    config = tiny_config()
+    change(config)
+    for call in (
+        lambda: checkpointing.restore_params(tmp_path, config),
+        lambda: train_lib.Trainer(config, tmp_path).restore_or_init(),
+    ):
+        with pytest.raises(UserError, match="was written with other settings") as e:
+            call()
+        assert listed in str(e.value) and "a fresh --workdir" in str(e.value)
+    assert checkpointing.steps(tmp_path) == [4, 2]  # nothing moved or deleted
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory, fresh):
+    """A workdir with checkpoints of steps 2 and 4, written once; tests damage copies."""
+    path = tmp_path_factory.mktemp("two_steps")
+    write(path, fresh, [2, 4])
+    return path
+
+
+def copy(workdir, to):
+    shutil.copytree(workdir, to, dirs_exist_ok=True)
+    return to
+
+
+def largest_array_file(step_dir):
+    return max((step_dir / "default").rglob("d/*"), key=lambda p: p.stat().st_size)
+
+
+def flip_a_bit(step_dir):
+    path = largest_array_file(step_dir)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated array file": lambda d: os.truncate(
+        largest_array_file(d), largest_array_file(d).stat().st_size // 2
+    ),
+    "missing array file": lambda d: largest_array_file(d).unlink(),
+    "missing _METADATA": lambda d: (d / "default" / "_METADATA").unlink(),
+    "missing manifest.ocdbt": lambda d: (d / "default" / "manifest.ocdbt").unlink(),
+    "missing record": lambda d: (d / "record" / "metadata").unlink(),
+    "bit flip": flip_a_bit,
+    "empty step dir": lambda d: shutil.rmtree(d) or d.mkdir(),
+}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_a_damaged_step_is_skipped_named_and_moved_aside(tmp_path, fresh, two_steps, kind, caplog):
+    copy(two_steps, tmp_path)
+    DAMAGE[kind](tmp_path / "checkpoints" / "4")
+    caplog.set_level(logging.WARNING)
+    state = train_lib.Trainer(tiny_config(), tmp_path).restore_or_init()  # resuming
+    assert int(state.step) == 2 and step_of(state.params, fresh) == 2
+    damaged = str(tmp_path / "checkpoints" / "4")
+    warnings = [r.getMessage() for r in caplog.records if damaged + " is damaged" in r.getMessage()]
+    assert len(warnings) == 1 and "using step 2 instead" in warnings[0]
+    assert "damaged_checkpoints" in warnings[0] and "not deleted" in warnings[0]
+    assert checkpointing.steps(tmp_path) == [2]
+    assert (tmp_path / "damaged_checkpoints" / "4").is_dir()  # kept, out of the way
+
+
+def test_sampling_falls_back_and_moves_nothing(tmp_path, fresh, two_steps, caplog):
+    copy(two_steps, tmp_path)
+    (tmp_path / "checkpoints" / "4" / "default" / "_METADATA").unlink()
+    caplog.set_level(logging.WARNING)
+    params, step = checkpointing.restore_params(tmp_path, tiny_config())
+    assert step == 2 and step_of(params, fresh) == 2
+    assert "checkpoints/4 is damaged (Damaged: no array metadata" in caplog.text
+    assert "left where it is" in caplog.text
+    assert checkpointing.steps(tmp_path) == [4, 2]  # reading moves nothing
+
+
+def test_every_step_damaged_is_an_error_that_keeps_them(tmp_path, two_steps):
+    copy(two_steps, tmp_path)
+    for step in (2, 4):
+        (tmp_path / "checkpoints" / str(step) / "default" / "_METADATA").unlink()
+    with pytest.raises(UserError, match="^no checkpoint can be read: .*checkpoints/4 .*/2 "):
+        train_lib.Trainer(tiny_config(), tmp_path).restore_or_init()
+    assert checkpointing.steps(tmp_path) == [4, 2]
+
+
+def test_only_committed_step_directories_are_steps(tmp_path, fresh):
+    write(tmp_path, fresh, [2])
+    shutil.copytree(
+        tmp_path / "checkpoints" / "2", tmp_path / "checkpoints" / "5.orbax-checkpoint-tmp"
+    )
+    (tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1733").mkdir()
+    assert checkpointing.steps(tmp_path) == [2]
+    assert checkpointing.restore_params(tmp_path, tiny_config())[1] == 2
+
+
+def test_rotation_keeps_at_least_one(tmp_path):
+    with pytest.raises(UserError, match="keep must be >= 1"):
+        checkpointing.make_manager(tmp_path, keep=0)
+
+
+def test_file_system_errors_are_one_line():
+    full = OSError(28, "No space left on device", "/w/checkpoints/4")
+    assert file_system_error(full) == "No space left on device: /w/checkpoints/4"
+    tensorstore = ValueError("OUT_OF_RANGE: Error writing \"/w/x\": too large [os_error_code='27']")
+    assert file_system_error(tensorstore).startswith('OUT_OF_RANGE: Error writing "/w/x"')
+    assert file_system_error(ValueError("a bug")) is None
+
+
+# ---- The workdir lock ---------------------------------------------------------------------
+
+
+def test_a_held_lock_stops_a_second_run_naming_the_holder(tmp_path):
+    with workdir.Lock(tmp_path):
+        with pytest.raises(UserError, match=f"is being trained by pid {os.getpid()} on host"):
+            workdir.Lock(tmp_path).acquire()
+    assert not (tmp_path / "train.lock").exists()  # released
+
+
+def test_stale_locks_are_taken_over(tmp_path):
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+    )
+    holder = dict(host=workdir.Lock(tmp_path).holder["host"], pid=int(dead.stdout), since=0)
+    (tmp_path / "train.lock").write_text(json.dumps(holder))  # a killed run of this host
+    with workdir.Lock(tmp_path) as lock:
+        assert json.loads((tmp_path / "train.lock").read_text())["pid"] == os.getpid()
+    (tmp_path / "train.lock").write_text(json.dumps(dict(holder, host="elsewhere")))
+    old = time.time() - workdir.STALE_S - 1  # another host's, silent for too long
+    os.utime(tmp_path / "train.lock", (old, old))
+    with workdir.Lock(tmp_path):
+        pass
+    (tmp_path / "train.lock").write_text(json.dumps(dict(holder, host="elsewhere")))
+    with pytest.raises(UserError, match="on host elsewhere"):  # another host's, alive
+        lock.acquire()

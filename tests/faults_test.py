@@ -1,0 +1,149 @@
+"""Training, sampling and evaluation under faults: stop signals, errors in the loop, a
+damaged latest checkpoint, a busy workdir, a full disk, another run's config (tiny config,
+CPU). Each case asserts the exit (status or exception), the message's first line, and that
+the checkpoints that existed before are still there and restorable."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from train_lib_test import final_state, tiny_config
+from train_test import ROOT, run_train
+
+from ddpm_jax import checkpointing, input_pipeline, reporting, train_lib, workdir
+from ddpm_jax.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workdir trained for 2 steps (a checkpoint of step 2), written once; tests use copies."""
+    path = tmp_path_factory.mktemp("trained")
+    train_lib.train_and_evaluate(tiny_config(num_steps=2, checkpoint_every=2), path)
+    return path
+
+
+def copy_of(trained, tmp_path):
+    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
+    return tmp_path
+
+
+def no_temporary_dirs(path):
+    return [p.name for p in (path / "checkpoints").iterdir() if not p.name.isdigit()] == []
+
+
+def signalling(monkeypatch, at):
+    """Training batches that send this process the signals `at` {batch index: [signals]}."""
+    real = input_pipeline.train_iterator
+
+    def batches(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            for signum in at.get(i, []):
+                os.kill(os.getpid(), signum)
+            yield batch
+
+    monkeypatch.setattr(input_pipeline, "train_iterator", batches)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_stop_signal_saves_and_stops(tmp_path, monkeypatch, signum):
+    signalling(monkeypatch, {2: [signum]})  # while the third step's batch is read
+    before = signal.getsignal(signum)
+    state = train_lib.train_and_evaluate(tiny_config(num_steps=50, checkpoint_every=100), tmp_path)
+    assert int(state.step) == 3 and checkpointing.steps(tmp_path) == [3]
+    assert int(final_state(tmp_path).step) == 3 and no_temporary_dirs(tmp_path)
+    assert signal.getsignal(signum) == before  # the handlers are put back
+    assert not (tmp_path / "train.lock").exists()
+
+
+def test_a_second_ctrl_c_stops_at_once_after_the_save_in_flight(tmp_path, monkeypatch, caplog):
+    signalling(monkeypatch, {2: [signal.SIGINT, signal.SIGINT]})
+    config = tiny_config(num_steps=50, checkpoint_every=2, log_every=100)
+    with pytest.raises(KeyboardInterrupt):
+        train_lib.train_and_evaluate(config, tmp_path)
+    assert checkpointing.steps(tmp_path) == [2] and no_temporary_dirs(tmp_path)
+    assert int(final_state(tmp_path).step) == 2
+    assert "training stopped by KeyboardInterrupt. The last good checkpoint is step 2" in (
+        caplog.text
+    )
+
+
+def test_an_error_in_the_loop_finishes_the_save_and_names_it(tmp_path, monkeypatch, caplog):
+    def broken(*args):
+        raise RuntimeError("the grid could not be drawn")
+
+    monkeypatch.setattr(reporting, "write_samples", broken)
+    config = tiny_config(num_steps=8, checkpoint_every=4, sample_every=4)
+    with pytest.raises(RuntimeError, match="the grid could not be drawn"):
+        train_lib.train_and_evaluate(config, tmp_path)  # the save of step 4 was in flight
+    assert checkpointing.steps(tmp_path) == [4] and no_temporary_dirs(tmp_path)
+    assert int(final_state(tmp_path).step) == 4
+    assert "stopped by RuntimeError. The last good checkpoint is step 4 in" in caplog.text
+    assert not (tmp_path / "train.lock").exists()
+
+
+def test_resume_past_a_damaged_step_is_exact(tmp_path, caplog):
+    train_lib.train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=2), tmp_path)
+    uninterrupted = final_state(tmp_path)
+    (tmp_path / "checkpoints" / "4" / "default" / "manifest.ocdbt").unlink()
+    train_lib.train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=2), tmp_path)
+    assert "checkpoints/4 is damaged" in caplog.text and "using step 2 instead" in caplog.text
+    assert (tmp_path / "damaged_checkpoints" / "4" / "default").is_dir()
+    jax.tree.map(np.testing.assert_array_equal, final_state(tmp_path), uninterrupted)
+
+
+def test_a_busy_workdir_stops_a_second_run_and_loses_nothing(tmp_path, trained):
+    copy_of(trained, tmp_path)
+    with workdir.Lock(tmp_path):
+        with pytest.raises(UserError, match=f"^workdir .* is being trained by pid {os.getpid()}"):
+            train_lib.train_and_evaluate(tiny_config(num_steps=4), tmp_path)
+        result = run_train(tmp_path, "--config.training.num_steps=4")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: workdir '{tmp_path}' is being trained by pid {os.getpid()} on host")
+    )
+    assert checkpointing.steps(tmp_path) == [2] and int(final_state(tmp_path).step) == 2
+
+
+def test_a_failed_write_is_one_line_naming_the_path_and_the_last_good_step(tmp_path, trained):
+    copy_of(trained, tmp_path)
+    # Writing past 1 MB fails (EFBIG, SIGXFSZ ignored) as writing to a full disk does (ENOSPC).
+    limit = ["bash", "-c", 'ulimit -f 1024 && trap "" XFSZ && exec "$@"', "limited"]
+    result = run_train(tmp_path, "--config.training.num_steps=4", prefix=limit)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    [last] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert f'"{tmp_path / "checkpoints"}/3.orbax-checkpoint-tmp/' in last  # tiny: every 3
+    assert "File too large" in last and "The last good checkpoint is step 2" in last
+    assert len(result.stderr.splitlines()) < 30  # no pages of tracebacks
+    assert checkpointing.steps(tmp_path) == [2] and int(final_state(tmp_path).step) == 2
+    train_lib.train_and_evaluate(tiny_config(num_steps=4), tmp_path)  # saves 3 again, and 4
+    assert checkpointing.steps(tmp_path) == [4, 3] and int(final_state(tmp_path).step) == 4
+
+
+def test_sample_py_with_another_runs_config_fails_at_once(tmp_path, trained):
+    copy_of(trained, tmp_path)
+    cmd = [sys.executable, str(ROOT / "sample.py"), "--config", str(ROOT / "configs" / "tiny.py")]
+    cmd += ["--workdir", str(tmp_path), "--out", str(tmp_path / "s"), "--num_samples=2"]
+    cmd += ["--config.data.image_size=16", "--config.diffusion.num_timesteps=30"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: checkpoint {tmp_path / 'checkpoints' / '2'} was written with other settings: "
+        "diffusion.num_timesteps=20 (this config: 30); data.image_size=8 (this config: 16). "
+        f"Use the config the run was trained with (whole in {tmp_path / 'checkpoints' / '2'}"
+        "/record/metadata), or a fresh --workdir"
+    )
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_keep_checkpoints_0_fails_at_once_and_deletes_nothing(tmp_path, trained):
+    copy_of(trained, tmp_path)
+    with pytest.raises(UserError, match=r"^config.training.keep_checkpoints must be >= 1, got 0"):
+        train_lib.train_and_evaluate(tiny_config(num_steps=4, keep_checkpoints=0), tmp_path)
+    assert checkpointing.steps(tmp_path) == [2] and int(final_state(tmp_path).step) == 2
