@@ -188,8 +188,11 @@ def _read_step(directory, config, read):
 
 
 def _reason(error):
+    """The first line of the error at the root of the chain (orbax wraps TensorStore's)."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
     lines = str(error).strip().splitlines() or [""]
-    return f"{type(error).__name__}: {lines[0][:200]}"
+    return f"{type(error).__name__}: {lines[0][:300]}"
 
 
 def _move_aside(directory):
