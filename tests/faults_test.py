@@ -8,12 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 from train_lib_test import final_state, tiny_config
-from train_test import ROOT, run_train
+from train_test import ROOT, run_train, train_command
 
 from ddpm_jax import checkpointing, input_pipeline, reporting, train_lib, workdir
 from ddpm_jax.errors import UserError
@@ -94,6 +95,24 @@ def test_resume_past_a_damaged_step_is_exact(tmp_path, caplog):
     assert "checkpoints/4 is damaged" in caplog.text and "using step 2 instead" in caplog.text
     assert (tmp_path / "damaged_checkpoints" / "4" / "default").is_dir()
     jax.tree.map(np.testing.assert_array_equal, final_state(tmp_path), uninterrupted)
+
+
+def test_after_sigkill_the_stale_lock_is_taken_over_and_resume_is_exact(tmp_path):
+    cmd, env = train_command(tmp_path / "a", "--config.training.num_steps=1000")
+    cmd += ["--config.training.checkpoint_every=2"]
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"  # as in this process
+    killed = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+    while not (tmp_path / "a" / "checkpoints" / "2").is_dir() and killed.poll() is None:
+        time.sleep(0.02)
+    killed.kill()  # no handler runs: the lock and perhaps a save in flight are left behind
+    killed.wait()
+    assert (tmp_path / "a" / "train.lock").exists()
+    config = tiny_config(num_steps=8, checkpoint_every=2, keep_checkpoints=10)
+    train_lib.train_and_evaluate(config, tmp_path / "a")
+    train_lib.train_and_evaluate(tiny_config(num_steps=8, checkpoint_every=8), tmp_path / "b")
+    jax.tree.map(
+        np.testing.assert_array_equal, final_state(tmp_path / "a"), final_state(tmp_path / "b")
+    )
 
 
 def test_a_busy_workdir_stops_a_second_run_and_loses_nothing(tmp_path, trained):

@@ -15,11 +15,16 @@ from ddpm_jax import checkpointing, config_lib, train_lib
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_train(workdir, *overrides, prefix=()):
+def train_command(workdir, *overrides, prefix=()):
+    """(command, environment) of train.py on the tiny config, with two devices."""
     cmd = [*prefix, sys.executable, str(ROOT / "train.py")]
     cmd += ["--config", str(ROOT / "configs" / "tiny.py")]
     cmd += ["--workdir", str(workdir), f"--config.data.data_dir={mnist_data_dir()}", *overrides]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    return cmd, dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+
+
+def run_train(workdir, *overrides, prefix=()):
+    cmd, env = train_command(workdir, *overrides, prefix=prefix)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
 
 
