@@ -19,13 +19,13 @@ number of devices or processes restores on any other.
 
 import json
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
+from ddpm_jax import fs
 from ddpm_jax.errors import UserError
 
 # The settings that shape the parameters or their meaning: all of config.model, and these.
@@ -45,14 +45,18 @@ BUGS = (TypeError, AttributeError, NameError, AssertionError, ImportError)
 
 
 def checkpoint_dir(workdir):
-    return Path(workdir).expanduser().resolve() / "checkpoints"
+    return fs.as_path(workdir) / "checkpoints"
 
 
 def steps(workdir):
-    """The committed steps in workdir, newest first (temporary directories are not steps)."""
+    """The committed steps in workdir, newest first. Locally orbax commits a step by
+    renaming its temporary directory, in a bucket by writing commit_success.txt into it."""
     path = checkpoint_dir(workdir)
     names = [p.name for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
-    return sorted((int(n) for n in names if n.isdigit()), reverse=True)
+    steps = [int(n) for n in names if n.isdigit()]
+    if not fs.is_local(path):
+        steps = [s for s in steps if (path / str(s) / "commit_success.txt").exists()]
+    return sorted(steps, reverse=True)
 
 
 def make_manager(workdir, keep=3, keep_period=None, async_save=True):
@@ -201,7 +205,7 @@ def _move_aside(directory):
     target.parent.mkdir(exist_ok=True)
     if target.exists():
         target = target.with_name(f"{directory.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    directory.rename(target)
+    fs.move(directory, target)
     return target
 
 
@@ -339,7 +343,7 @@ def restore_params(workdir, config, ema=True, step=None, sharding=None):
 
 def restore_converted(directory):
     """Parameters saved by `python -m ddpm_jax.convert` (a plain orbax pytree)."""
-    directory = Path(directory).resolve()
+    directory = fs.as_path(directory)
     if not directory.is_dir():
         raise UserError(f"no converted parameters at {directory}")
     with ocp.StandardCheckpointer() as checkpointer:

@@ -8,16 +8,16 @@ rate_distortion_step_<N>.png (the paper's Fig. 5).
 import json
 import logging
 import os
-from pathlib import Path
 
 import jax
 import numpy as np
-import tensorflow as tf
 
 from ddpm_jax import (
     config_lib,
     evaluation,
+    events,
     fid,
+    fs,
     inception,
     input_pipeline,
     plots,
@@ -33,9 +33,9 @@ TB_NAMES = {"bpd": "nll_bpd", "fid": "fid", "is": "inception_score"}
 def stats_dir(config):
     """config.eval.stats_dir, or ~/.cache/ddpm_jax/fid_stats."""
     if config.eval.stats_dir:
-        return Path(config.eval.stats_dir)
-    cache = os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
-    return Path(cache) / "ddpm_jax" / "fid_stats"
+        return fs.as_path(config.eval.stats_dir)
+    cache = os.environ.get("XDG_CACHE_HOME", "~/.cache")
+    return fs.as_path(cache) / "ddpm_jax" / "fid_stats"
 
 
 def check_modes(modes, network=None):
@@ -66,23 +66,22 @@ def write_results(workdir, step, scalars, arrays=None):
     scalars and, for the bound, the npz and the plot. Process 0 only."""
     if jax.process_index() != 0:
         return
-    out = Path(workdir) / "eval"
+    out = fs.as_path(workdir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"step_{step}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
-    path.write_text(json.dumps(dict(old, **scalars, step=step), indent=1))
+    fs.write_bytes(path, json.dumps(dict(old, **scalars, step=step), indent=1).encode())
     if arrays:
-        np.savez(out / f"nll_step_{step}.npz", **arrays)
+        fs.save_npz(out / f"nll_step_{step}.npz", **arrays)
         plots.rate_distortion_png(
             out / f"rate_distortion_step_{step}.png",
             arrays["rate_bpd"],
             arrays["distortion_rmse"],
         )
-    writer = tf.summary.create_file_writer(str(Path(workdir) / "tensorboard"))
-    with writer.as_default(step=step):
-        for key, name in TB_NAMES.items():
-            if key in scalars:
-                tf.summary.scalar(f"eval/{name}", scalars[key])
+    writer = events.EventWriter(fs.as_path(workdir) / "tensorboard")
+    for key, name in TB_NAMES.items():
+        if key in scalars:
+            writer.scalar(step, f"eval/{name}", scalars[key])
     writer.close()
 
 

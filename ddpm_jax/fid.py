@@ -13,17 +13,15 @@ set (Ho et al. 2020, Table 1: 3.17 on CIFAR10 train, 5.24 on test).
 
 import hashlib
 import logging
-import os
 import re
 import warnings
-from pathlib import Path
 
 import jax
 import numpy as np
 import scipy.linalg
 from jax.experimental import multihost_utils
 
-from ddpm_jax import evaluation, inception, sampling, sharding
+from ddpm_jax import evaluation, fs, inception, sampling, sharding
 from ddpm_jax.errors import UserError
 
 # ---- The formulas ------------------------------------------------------------------------
@@ -91,7 +89,7 @@ def make_activations_fn(inception_params, mesh):
 def network_id(path):
     """The first 16 hex digits of the network file's sha256 (stored with cached statistics)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fs.as_path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:16]
@@ -99,7 +97,7 @@ def network_id(path):
 
 def load_network(path):
     """(params, network_id) of the Inception file, or a clear error saying how to get it."""
-    if path is None or not Path(path).is_file():
+    if path is None or not fs.as_path(path).is_file():
         problem = "no file is set" if path is None else f"{str(path)!r} does not exist"
         raise UserError(
             f"FID/IS need the Inception network file and {problem}; pass "
@@ -118,13 +116,13 @@ def stats_path(stats_dir, config, split):
     name = "_".join(re.sub(r"[^A-Za-z0-9.]+", "-", s).strip("-") for s in (d.dataset, split))
     digest = hashlib.sha1(f"{d.dataset}\n{split}".encode()).hexdigest()[:8]
     size = f"{d.image_size}x{d.image_size}x{d.num_channels}"
-    return Path(stats_dir) / f"{name}_{size}_{digest}.npz"
+    return fs.as_path(stats_dir) / f"{name}_{size}_{digest}.npz"
 
 
 def _read_cache(path, net_id):
     if not path.is_file():
         return None
-    cached = np.load(path)
+    cached = fs.load_npz(path)
     if str(cached["network_id"]) != net_id:
         logging.warning("%s was computed with another Inception file: recomputing", path)
         return None
@@ -132,11 +130,9 @@ def _read_cache(path, net_id):
 
 
 def _write_cache(path, mu, sigma, num, net_id):
-    """Written whole to a temporary name, then renamed: a cache file is never partial."""
+    """Written whole (fs.write_bytes): a cache file is never partial."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, num_examples=num, network_id=net_id)
-    os.replace(tmp, path)
+    fs.save_npz(path, mu=mu, sigma=sigma, num_examples=num, network_id=net_id)
 
 
 def dataset_statistics(config, network, split, stats_dir, batch_size, devices=None, progress=False):

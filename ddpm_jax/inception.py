@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax import fs
 from ddpm_jax.errors import UserError
 
 NUM_TENSORS, NUM_VALUES = 376, 21_802_784
@@ -72,7 +73,7 @@ def _unpickler(zf, root):
 def load_params(path):
     """{'mixed_4.tower.conv_1': {'kernel' (HWIO), 'beta', 'mean', 'var'}, ...} from the file."""
     try:
-        with zipfile.ZipFile(path) as zf:
+        with fs.as_path(path).open("rb") as f, zipfile.ZipFile(f) as zf:
             root = zf.namelist()[0].split("/")[0]
             top = _unpickler(zf, root).load()
     except (OSError, zipfile.BadZipFile, pickle.UnpicklingError, KeyError) as e:

@@ -7,6 +7,8 @@ received so far) and the distortion (RMSE of x̂_0 on the [0, 255] scale).
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ddpm_jax import fs
+
 PANEL_W, PANEL_H, MARGIN = 360, 260, 48
 INK, GRID, LINE = (0, 0, 0), (220, 220, 220), (31, 119, 180)
 
@@ -61,5 +63,5 @@ def rate_distortion_png(path, rate_bpd, distortion_rmse):
         _panel(draw, font, (0, 0), steps, rate, "Rate", "bits/dim"),
         _panel(draw, font, (PANEL_W, 0), steps, distortion, "Distortion", "RMSE, [0, 255]"),
     ]
-    image.save(path)
+    fs.save_png(path, image)
     return panels

@@ -5,11 +5,10 @@ import sys
 import time
 
 import jax
-import tensorflow as tf
 import tqdm
 from absl import logging
 
-from ddpm_jax import sampling
+from ddpm_jax import events, fs, sampling
 
 
 class Reporter:
@@ -19,9 +18,7 @@ class Reporter:
         self.enabled = jax.process_index() == 0
         self.num_steps, self.batch_size = num_steps, batch_size
         self.last_step = self.last_time = self.bar = None
-        self.writer = (
-            tf.summary.create_file_writer(str(workdir / "tensorboard")) if self.enabled else None
-        )
+        self.writer = events.EventWriter(workdir / "tensorboard") if self.enabled else None
 
     def begin(self, step):
         """Start the clocks once `step` is done: the first step's compilation is not counted
@@ -43,10 +40,8 @@ class Reporter:
         self.last_step, self.last_time = step, now
         if not self.enabled:
             return
-        with self.writer.as_default(step=step):
-            for name, value in scalars.items():
-                tf.summary.scalar(name, value)
-        self.writer.flush()
+        for name, value in scalars.items():
+            self.writer.scalar(step, name, value)
         text = ", ".join(f"{k} {v:.4g}" for k, v in scalars.items())
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
@@ -56,9 +51,7 @@ class Reporter:
 
     def image(self, step, name, grid):
         if self.enabled:
-            with self.writer.as_default(step=step):
-                tf.summary.image(name, grid[None], max_outputs=1)
-            self.writer.flush()
+            self.writer.image(step, name, grid)
 
     def close(self):
         if self.bar is not None:
@@ -76,6 +69,6 @@ def write_samples(trainer, state, reporter, sample_fn):
     grid = sampling.image_grid(images)
     if jax.process_index() == 0:
         out = trainer.workdir / "samples"
-        out.mkdir(exist_ok=True)
-        sampling.save_png(out / f"step_{int(state.step):08d}.png", grid)
+        out.mkdir(parents=True, exist_ok=True)
+        fs.save_png(out / f"step_{int(state.step):08d}.png", grid)
         reporter.image(int(state.step), "ema_samples", grid)

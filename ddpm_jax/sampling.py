@@ -145,12 +145,6 @@ def image_grid(images, ncols=None):
     return grid
 
 
-def save_png(path, grid):
-    from PIL import Image
-
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
-
-
 def chain_length(config):
     """Number of reverse steps config.sampling asks for (all T, or a respaced chain)."""
     return config.sampling.num_steps or config.diffusion.num_timesteps

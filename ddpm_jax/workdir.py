@@ -10,13 +10,14 @@ with a message naming the holder.
 
 import json
 import os
+import pathlib
 import socket
 import threading
 import time
-from pathlib import Path
 
 from absl import logging
 
+from ddpm_jax import fs
 from ddpm_jax.errors import UserError
 
 HEARTBEAT_S = 30.0
@@ -26,14 +27,14 @@ STALE_S = 120.0
 def check_workdir(workdir):
     """Create workdir if needed and make sure it is writable, before any work starts.
     Returns (path, whether this call created it)."""
-    path = Path(workdir).expanduser().resolve()
-    created = not path.exists()
+    path = fs.as_path(workdir)
     try:
+        created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test_{os.getpid()}"
+        probe = path / f".write_test_{socket.gethostname()}_{os.getpid()}"
         probe.write_text("")
         probe.unlink()
-    except OSError as e:
+    except Exception as e:  # an OSError, or a bucket client's error (no access, no bucket)
         raise UserError(
             f"workdir {str(path)!r} is not writable ({e}); choose another --workdir"
         ) from e
@@ -43,6 +44,9 @@ def check_workdir(workdir):
 def remove_if_unused(path):
     """Delete a workdir this run created, if no file was written in it (a run that stopped
     before its first step leaves nothing behind). Never touches a file."""
+    if not fs.is_local(path):
+        return  # a bucket has no empty directories to leave behind
+    path = pathlib.Path(path)
     if any(p.is_file() for p in path.rglob("*")):
         return
     for sub in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
@@ -64,7 +68,7 @@ class Lock:
     """`with Lock(workdir):` holds workdir/train.lock for the duration (see the module)."""
 
     def __init__(self, workdir):
-        self.path = Path(workdir) / "train.lock"
+        self.path = fs.as_path(workdir) / "train.lock"
         self.holder = dict(host=socket.gethostname(), pid=os.getpid(), since=time.time())
         self._stop = threading.Event()
         self._thread = None
@@ -72,7 +76,7 @@ class Lock:
     def _read(self):
         """(holder dict or None if unreadable, seconds since its last heartbeat)."""
         try:
-            age = time.time() - self.path.stat().st_mtime
+            age = time.time() - self.path.stat().mtime
             return json.loads(self.path.read_text()), age
         except FileNotFoundError:
             return None, float("inf")
@@ -99,10 +103,23 @@ class Lock:
             f"its lock {self.path} expires {STALE_S:.0f} s after its last heartbeat"
         )
 
+    def _create(self):
+        """Write the lock, or FileExistsError if there is one. Locally this is atomic
+        (O_EXCL); in a bucket, two runs starting within the same second may both pass."""
+        text = json.dumps(self.holder)
+        if not fs.is_local(self.path):
+            if self.path.exists():
+                raise FileExistsError(str(self.path))
+            self.path.write_text(text)
+            return
+        fd = os.open(str(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+
     def acquire(self):
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                self._create()
             except FileExistsError:
                 holder, age = self._read()
                 if not self._is_stale(holder, age):
@@ -110,8 +127,6 @@ class Lock:
                 logging.warning("taking over the stale lock %s of %s", self.path, holder)
                 self.path.unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.holder, f)
             self._thread = threading.Thread(target=self._beat, daemon=True)
             self._thread.start()
             return self
@@ -120,8 +135,11 @@ class Lock:
     def _beat(self):
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                os.utime(self.path)
-            except OSError:
+                if fs.is_local(self.path):
+                    os.utime(str(self.path))
+                else:  # an object's time is that of its last write
+                    self.path.write_text(json.dumps(self.holder))
+            except Exception:  # the next run judges the lock by its age
                 return
 
     def release(self):
