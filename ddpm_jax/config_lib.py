@@ -13,12 +13,53 @@ from pathlib import Path
 from ddpm_jax import diffusion, schedules, unet
 from ddpm_jax.errors import UserError
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-def load_config(path):
-    """get_config() of a config file given by path (as `--config` takes it)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {str(path)!r} does not exist")
+
+def config_names():
+    """The packaged configs (ddpm_jax/configs/NAME.py), by name."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def config_path(path_or_name):
+    """The file of a config given by path or by the name of a packaged one ("cifar")."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    name = path.name.removesuffix(".py")
+    if str(path_or_name).removesuffix(".py") == name and name in config_names():
+        return CONFIG_DIR / f"{name}.py"
+    raise UserError(
+        f"config file {str(path_or_name)!r} does not exist, and {name!r} is not a packaged "
+        f"config; give a config file's path or one of {', '.join(config_names())}"
+    )
+
+
+def resolve_config_flag(argv):
+    """argv with `--config NAME` (or `--config=NAME[:args]`) replaced by the packaged file's
+    path, which is what ml_collections' config flag takes; paths are left as they are."""
+    argv, out = list(argv), []
+    while argv:
+        arg = argv.pop(0)
+        if arg == "--config" and argv:
+            out += [arg, _resolve(argv.pop(0))]
+        elif arg.startswith("--config="):
+            out.append("--config=" + _resolve(arg.removeprefix("--config=")))
+        else:
+            out.append(arg)
+    return out
+
+
+def _resolve(value):
+    name, colon, args = value.partition(":")
+    if Path(value).is_file() or Path(name).is_file():
+        return value
+    return f"{config_path(name)}{colon}{args}"
+
+
+def load_config(path_or_name):
+    """get_config() of a config given by path or by name (as `--config` takes it)."""
+    path = config_path(path_or_name)
     spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

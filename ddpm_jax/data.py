@@ -34,9 +34,22 @@ def default_data_dir(data_dir=None):
     )
 
 
+def tensorflow_on_cpu_only():
+    """TensorFlow only reads data here: keep it off the GPUs, whose memory it would
+    otherwise take whole. Effective before TensorFlow first touches a device (every
+    dataset is opened through here); later it changes nothing."""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TensorFlow's devices are already set up
+        pass
+
+
 def builder(name, data_dir=None):
     """The TFDS builder of 'name[/config][:version]', or a UserError naming the closest
     dataset names (never the whole catalogue)."""
+    tensorflow_on_cpu_only()
     try:
         return tfds.builder(name, data_dir=default_data_dir(data_dir))
     except tfds.core.registered.DatasetNotFoundError:

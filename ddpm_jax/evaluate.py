@@ -1,6 +1,6 @@
-"""Evaluate a trained model (the EMA parameters of its latest checkpoint).
+r"""Evaluate a trained model (the EMA parameters of its latest checkpoint).
 
-    python evaluate.py --config configs/cifar.py --workdir /tmp/ddpm_cifar10 \
+    python evaluate.py --config cifar --workdir /tmp/ddpm_cifar10 \
         --eval nll,fid,is --config.eval.inception_path=/path/to/inception-2015-12-05.pt
 
 Modes (--eval, comma-separated):
@@ -23,31 +23,30 @@ import json
 
 import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from ddpm_jax import checkpointing, config_lib, data, distributed, eval_lib
+from ddpm_jax import checkpointing, config_lib, data, eval_lib
 
 FLAGS = flags.FLAGS
-distributed.define_flags()
-config_flags.DEFINE_config_file(
-    "config", None, "Config file of the trained model.", lock_config=True
-)
-flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint is evaluated).")
-flags.DEFINE_list("eval", ["nll", "fid"], f"Modes, comma-separated, among {eval_lib.MODES}.")
-flags.DEFINE_integer(
-    "num_samples", None, "FID / IS samples (default config.eval.num_samples).", lower_bound=2
-)
-flags.DEFINE_integer("batch_size", None, "Global batch (default config.eval.batch_size).")
-flags.DEFINE_integer("max_batches", None, "Bound on only this many batches.", lower_bound=1)
-flags.DEFINE_string("other_split", None, "fid_data: the split compared with fid_split.")
-flags.DEFINE_integer("seed", 0, "Seed of the samples (FID, IS) and of the bound's noise (nll).")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags():
+    cli.define_common_flags()
+    flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint is evaluated).")
+    flags.DEFINE_list("eval", ["nll", "fid"], f"Modes, comma-separated, among {eval_lib.MODES}.")
+    flags.DEFINE_integer(
+        "num_samples", None, "FID / IS samples (default config.eval.num_samples).", lower_bound=2
+    )
+    flags.DEFINE_integer("batch_size", None, "Global batch (default config.eval.batch_size).")
+    flags.DEFINE_integer("max_batches", None, "Bound on only this many batches.", lower_bound=1)
+    flags.DEFINE_string("other_split", None, "fid_data: the split compared with fid_split.")
+    flags.DEFINE_integer("seed", 0, "Seed of the samples (FID, IS) and of the bound's noise (nll).")
+    flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    distributed.initialize_from_flags()
+    cli.setup(FLAGS)
     config = FLAGS.config
     config_lib.check_config(config, jax.device_count(), jax.process_count())
     eval_lib.check_modes(FLAGS.eval)
@@ -72,5 +71,10 @@ def main(argv):
         print(json.dumps(dict(scalars, step=step)))
 
 
-if __name__ == "__main__":
+def run():
+    define_flags()
     cli.run(main, __file__)
+
+
+if __name__ == "__main__":
+    run()

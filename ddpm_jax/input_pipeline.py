@@ -19,6 +19,7 @@ from ddpm_jax.errors import UserError
 def _builder(config):
     """The TFDS builder of config.data.dataset ('name[/config]' or 'folder:/path')."""
     name = config.data.dataset
+    data.tensorflow_on_cpu_only()
     if name.startswith(data.FOLDER_PREFIX):
         root = name[len(data.FOLDER_PREFIX) :]
         if not os.path.isdir(root):

@@ -1,12 +1,13 @@
 """Train a DDPM.
 
-    python train.py --config configs/cifar.py --workdir /tmp/ddpm_cifar10
-    python train.py --config configs/mnist.py --workdir /tmp/ddpm_mnist \
-        --config.training.batch_size=32
+    python train.py --config cifar --workdir /tmp/ddpm_cifar10
+    python -m ddpm_jax.train --config mnist --workdir /tmp/mnist --config.training.batch_size=32
 
-Resumes from the newest good checkpoint in --workdir (a damaged newer one is named and moved
-to WORKDIR/damaged_checkpoints/). SIGTERM, SIGHUP or Ctrl-C save a checkpoint and stop; a
-second Ctrl-C stops at once. One training run at a time holds WORKDIR/train.lock.
+--config is a packaged config's name (cifar, mnist, ...) or a config file's path. --workdir
+is a local path or a bucket (gs://BUCKET/run). Resumes from the newest good checkpoint in
+--workdir (a damaged newer one is named and moved to WORKDIR/damaged_checkpoints/). SIGTERM,
+SIGHUP or Ctrl-C save a checkpoint and stop; a second Ctrl-C stops at once. One training run
+at a time holds WORKDIR/train.lock.
 """
 
 from ddpm_jax import cli
@@ -16,19 +17,21 @@ cli.quiet_tensorflow()  # before anything imports TensorFlow
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import distributed, train_lib
+from ddpm_jax import train_lib
 
 FLAGS = flags.FLAGS
-distributed.define_flags()
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and samples.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags():
+    cli.define_common_flags()
+    flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and samples (or gs://).")
+    flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    distributed.initialize_from_flags()
+    cli.setup(FLAGS)
     # The whole config is in each checkpoint's record (WORKDIR/checkpoints/N/record/metadata).
     logging.info(
         "config %s, workdir %s", config_flags.get_config_filename(FLAGS["config"]), FLAGS.workdir
@@ -36,5 +39,10 @@ def main(argv):
     train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
-if __name__ == "__main__":
+def run():
+    define_flags()
     cli.run(main, __file__)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,13 +1,13 @@
 """The paper's CelebA-HQ 256x256 run (Ho et al. 2020, Appendix B).
 
-    python train.py --config configs/celeba_hq.py --workdir /tmp/ddpm_celeba_hq
+    python train.py --config celeba_hq --workdir /tmp/ddpm_celeba_hq
 
 113,673,219 parameters (ch_mult 1,1,2,2,4,4); no dropout; σ²_t = β̃_t; Adam 2e-5;
 batch 64; 0.5M steps; random flips. Data: TFDS celeb_a_hq/256, prepared by hand (TFDS
 cannot download it). The paper shows samples (Fig. 1, 3); it reports no FID for it.
 """
 
-from configs import cifar
+from ddpm_jax.configs import cifar
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """The paper's CIFAR10 run (Ho et al. 2020, §4 and Appendix B), exactly.
 
-    python train.py --config configs/cifar.py --workdir /tmp/ddpm_cifar10
+    python train.py --config cifar --workdir /tmp/ddpm_cifar10
 
 35,746,307 parameters; T = 1000, linear β from 1e-4 to 0.02; ε-prediction with L_simple;
 σ²_t = β_t for sampling; Adam 2e-4 with 5000 warmup steps, gradient clipping at 1.0;
@@ -33,7 +33,10 @@ def get_config():
     config.model.attn_resolutions = (16,)
     config.model.dropout = 0.1
     config.model.resamp_with_conv = True
-    config.model.dtype = "float32"
+    config.model.dtype = "float32"  # computation; or "bfloat16" (parameters stay float32)
+    # Convolutions and matmuls: "default", the platform's fast path (TF32 on NVIDIA GPUs,
+    # bf16 passes on TPUs, exact on CPUs), or "highest", true float32 everywhere.
+    config.model.precision = "default"
 
     config.diffusion = ml_collections.ConfigDict()
     config.diffusion.beta_schedule = "linear"

@@ -1,6 +1,6 @@
 """The paper's LSUN cat 256x256 run (Ho et al. 2020, Appendix B).
 
-    python train.py --config configs/lsun_cat.py --workdir /tmp/ddpm_lsun_cat
+    python train.py --config lsun_cat --workdir /tmp/ddpm_lsun_cat
 
 The CelebA-HQ network and optimiser (113,673,219 parameters, Adam 2e-5, batch 64),
 1,800,000 steps, random flips: False.
@@ -8,7 +8,7 @@ Data: TFDS lsun/cat (center-cropped and resized to 256).
 Expected (paper, Table 3): FID 19.75.
 """
 
-from configs import celeba_hq
+from ddpm_jax.configs import celeba_hq
 
 
 def get_config():

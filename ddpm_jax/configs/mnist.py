@@ -1,6 +1,6 @@
 """A small MNIST model, the quickstart: recognisable digits within minutes on a 2-core CPU.
 
-    python train.py --config configs/mnist.py --workdir /tmp/ddpm_mnist
+    python train.py --config mnist --workdir /tmp/ddpm_mnist
 
 The paper's method and schedule (T = 1000, linear β, ε-prediction, L_simple) on a
 U-Net shrunk to 28x28x1 images: ch 32, ch_mult (1, 1, 2), one residual block per
@@ -12,7 +12,7 @@ first grid (step 1500) is written 10.7 minutes after the command starts and show
 recognisable digits (about 10 of 16).
 """
 
-from configs import cifar
+from ddpm_jax.configs import cifar
 
 
 def get_config():

@@ -1,11 +1,11 @@
 """A tiny configuration for tests: 8x8 single-channel images, T = 20, a 2-level U-Net.
 
-    python train.py --config configs/tiny.py --workdir /tmp/ddpm_tiny
+    python train.py --config tiny --workdir /tmp/ddpm_tiny
 
 Learns nothing useful; it exercises every code path in seconds.
 """
 
-from configs import mnist
+from ddpm_jax.configs import mnist
 
 
 def get_config():
