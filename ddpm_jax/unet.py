@@ -15,6 +15,9 @@ import jax
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Of the convolutions and matmuls: "default" is the platform's fast path (TF32 on NVIDIA
+# GPUs since Ampere, bf16 passes on TPUs; exact float32 on CPUs), "highest" true float32.
+PRECISIONS = {"default": None, "highest": jax.lax.Precision.HIGHEST}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +32,7 @@ class UNetConfig:
     resamp_with_conv: bool = True
     out_ch: int = 3
     dtype: str = "float32"  # computation dtype; parameters are always float32
+    precision: str = "default"  # of convolutions and matmuls: "default" or "highest"
 
     def __post_init__(self):
         if self.ch < 32 or self.ch % 32:
@@ -45,6 +49,10 @@ class UNetConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}"
+            )
 
     def check_image_size(self, size):
         """Raise ValueError unless `size` halves cleanly at every downsampling."""
@@ -72,17 +80,19 @@ def timestep_embedding(t, dim):
     return jnp.pad(emb, ((0, 0), (0, dim % 2)))
 
 
-def conv(features, name, dtype, stride=1, scale=1.0):
+def conv(features, name, dtype, precision=None, stride=1, scale=1.0):
     """3x3 'SAME' convolution (TF's SAME padding, as the authors' checkpoints expect)."""
     return nn.Conv(
         features, (3, 3), (stride, stride), "SAME",
-        dtype=dtype, kernel_init=default_init(scale), name=name,
+        dtype=dtype, precision=precision, kernel_init=default_init(scale), name=name,
     )  # fmt: skip
 
 
-def dense(features, name, dtype, scale=1.0):
+def dense(features, name, dtype, precision=None, scale=1.0):
     """Dense layer on the last axis (also the 1x1 'nin' layers of the authors' code)."""
-    return nn.Dense(features, dtype=dtype, kernel_init=default_init(scale), name=name)
+    return nn.Dense(
+        features, dtype=dtype, precision=precision, kernel_init=default_init(scale), name=name
+    )
 
 
 def group_norm(name, dtype):
@@ -91,15 +101,17 @@ def group_norm(name, dtype):
 
 
 class _Layers(nn.Module):
-    """Base of the blocks below: carries the computation dtype to every layer."""
+    """Base of the blocks below: carries the computation dtype and the precision of
+    convolutions and matmuls (a jax.lax.Precision, or None for the default) to every layer."""
 
     dtype: jnp.dtype = jnp.float32
+    precision: jax.lax.Precision | None = None
 
     def conv(self, features, name, stride=1, scale=1.0):
-        return conv(features, name, self.dtype, stride, scale)
+        return conv(features, name, self.dtype, self.precision, stride, scale)
 
     def dense(self, features, name, scale=1.0):
-        return dense(features, name, self.dtype, scale)
+        return dense(features, name, self.dtype, self.precision, scale)
 
     def norm(self, name):
         return group_norm(name, self.dtype)
@@ -131,9 +143,9 @@ class AttnBlock(_Layers):
         B, H, W, C = x.shape
         h = self.norm("norm")(x)
         q, k, v = (self.dense(C, name)(h).reshape(B, H * W, C) for name in ("q", "k", "v"))
-        w = jnp.einsum("bic,bjc->bij", q, k) * (C**-0.5)
+        w = jnp.einsum("bic,bjc->bij", q, k, precision=self.precision) * (C**-0.5)
         w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(v.dtype)
-        h = jnp.einsum("bij,bjc->bic", w, v).reshape(B, H, W, C)
+        h = jnp.einsum("bij,bjc->bic", w, v, precision=self.precision).reshape(B, H, W, C)
         return x + self.dense(C, "proj_out", scale=0.0)(h)
 
 
@@ -181,12 +193,18 @@ class DownLevel(_Layers):
         cfg, hs = self.config, []
         for i in range(cfg.num_res_blocks):
             out_ch = cfg.ch * cfg.ch_mult[self.level]
-            h = ResnetBlock(self.dtype, out_ch, cfg.dropout, name=f"block_{i}")(h, temb, train)
+            h = ResnetBlock(self.dtype, self.precision, out_ch, cfg.dropout, name=f"block_{i}")(
+                h, temb, train
+            )
             if h.shape[1] in cfg.attn_resolutions:
-                h = AttnBlock(self.dtype, name=f"attn_{i}")(h)
+                h = AttnBlock(self.dtype, self.precision, name=f"attn_{i}")(h)
             hs.append(h)
         if self.level != len(cfg.ch_mult) - 1:
-            hs.append(Resample(self.dtype, False, cfg.resamp_with_conv, name="downsample")(h))
+            hs.append(
+                Resample(
+                    self.dtype, self.precision, False, cfg.resamp_with_conv, name="downsample"
+                )(h)
+            )
         return hs
 
 
@@ -202,11 +220,13 @@ class UpLevel(_Layers):
         for i in range(cfg.num_res_blocks + 1):
             h = jnp.concatenate([h, skips.pop()], axis=-1)
             out_ch = cfg.ch * cfg.ch_mult[self.level]
-            h = ResnetBlock(self.dtype, out_ch, cfg.dropout, name=f"block_{i}")(h, temb, train)
+            h = ResnetBlock(self.dtype, self.precision, out_ch, cfg.dropout, name=f"block_{i}")(
+                h, temb, train
+            )
             if h.shape[1] in cfg.attn_resolutions:
-                h = AttnBlock(self.dtype, name=f"attn_{i}")(h)
+                h = AttnBlock(self.dtype, self.precision, name=f"attn_{i}")(h)
         if self.level != 0:
-            h = Resample(self.dtype, True, cfg.resamp_with_conv, name="upsample")(h)
+            h = Resample(self.dtype, self.precision, True, cfg.resamp_with_conv, name="upsample")(h)
         return h
 
 
@@ -218,9 +238,13 @@ class Middle(_Layers):
     @nn.compact
     def __call__(self, h, temb, train):
         ch = h.shape[-1]
-        h = ResnetBlock(self.dtype, ch, self.dropout, name="block_1")(h, temb, train)
-        h = AttnBlock(self.dtype, name="attn_1")(h)
-        return ResnetBlock(self.dtype, ch, self.dropout, name="block_2")(h, temb, train)
+        h = ResnetBlock(self.dtype, self.precision, ch, self.dropout, name="block_1")(
+            h, temb, train
+        )
+        h = AttnBlock(self.dtype, self.precision, name="attn_1")(h)
+        return ResnetBlock(self.dtype, self.precision, ch, self.dropout, name="block_2")(
+            h, temb, train
+        )
 
 
 class UNet(nn.Module):
@@ -234,22 +258,24 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, t, train=False):
-        cfg, dtype = self.config, DTYPES[self.config.dtype]
+        cfg = self.config
+        dtype, precision = DTYPES[cfg.dtype], PRECISIONS[cfg.precision]
         if x.ndim != 4 or x.shape[1] != x.shape[2] or t.shape != x.shape[:1]:
             raise ValueError(
                 f"expected square NHWC images and t of shape (B,); got x {x.shape}, t {t.shape}"
             )
         cfg.check_image_size(x.shape[1])
-        temb = TimestepEmbed(dtype, cfg.ch, name="temb")(t)
-        hs = [conv(cfg.ch, "conv_in", dtype)(x.astype(dtype))]
+        temb = TimestepEmbed(dtype, precision, cfg.ch, name="temb")(t)
+        hs = [conv(cfg.ch, "conv_in", dtype, precision)(x.astype(dtype))]
         for level in range(len(cfg.ch_mult)):
-            hs += DownLevel(dtype, cfg, level, name=f"down_{level}")(hs[-1], temb, train)
-        h = Middle(dtype, cfg.dropout, name="mid")(hs[-1], temb, train)
+            down = DownLevel(dtype, precision, cfg, level, name=f"down_{level}")
+            hs += down(hs[-1], temb, train)
+        h = Middle(dtype, precision, cfg.dropout, name="mid")(hs[-1], temb, train)
         for level in reversed(range(len(cfg.ch_mult))):
-            h = UpLevel(dtype, cfg, level, name=f"up_{level}")(h, hs, temb, train)
+            h = UpLevel(dtype, precision, cfg, level, name=f"up_{level}")(h, hs, temb, train)
         assert not hs, "every skip connection must be consumed"
         h = nn.swish(group_norm("norm_out", dtype)(h))
-        h = conv(cfg.out_ch, "conv_out", dtype, scale=0.0)(h)
+        h = conv(cfg.out_ch, "conv_out", dtype, precision, scale=0.0)(h)
         return h.astype(jnp.float32)
 
 

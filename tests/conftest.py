@@ -21,8 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 jax.config.update("jax_num_cpu_devices", 4)
 # Tests build the same programs many times (a fresh Trainer per test): compile each once
 # per session through a session-local persistent cache.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="ddpm_jax_xla_cache_"))
+CACHE = tempfile.mkdtemp(prefix="ddpm_jax_xla_cache_")
+jax.config.update("jax_compilation_cache_dir", CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+os.environ["DDPM_COMPILATION_CACHE"] = CACHE  # the entry points run by tests share it
+# Tests compare numbers at float32 tolerances: every matmul and convolution of the tests
+# and of the library in true float32, also on GPUs (whose default is TF32) and TPUs.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 REQUIRE_ASSETS = os.environ.get("DDPM_REQUIRE_ASSETS") == "1"

@@ -1,6 +1,8 @@
 """The U-Net: parameter counts of the paper's models, layer semantics, dtypes, dropout."""
 
+import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -141,7 +143,7 @@ def test_resampling_matches_tensorflow():
     tf = pytest.importorskip("tensorflow")
     x = np.random.default_rng(0).standard_normal((2, 8, 8, 32)).astype(np.float32)
     for up in (False, True):
-        block = unet.Resample(jnp.float32, up, True)
+        block = unet.Resample(jnp.float32, up=up, with_conv=True)
         params = randomize(block.init(jax.random.key(0), jnp.asarray(x))["params"])
         w, b = np.asarray(params["conv"]["kernel"]), np.asarray(params["conv"]["bias"])
         inp = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2) if up else x
@@ -172,11 +174,40 @@ def test_attention_matches_restatement():
 @pytest.mark.parametrize(
     "kwargs, word",
     [(dict(ch=48), "ch"), (dict(ch_mult=()), "ch_mult"), (dict(num_res_blocks=0), "num_res_blocks"),
-     (dict(dropout=1.0), "dropout"), (dict(dtype="float16"), "dtype")],
+     (dict(dropout=1.0), "dropout"), (dict(dtype="float16"), "dtype"),
+     (dict(precision="fast"), "precision")],
 )  # fmt: skip
 def test_bad_config(kwargs, word):
     with pytest.raises(ValueError, match=word):
         unet.UNetConfig(**kwargs)
+
+
+def matmul_precisions(config):
+    """The precision of every convolution and dot of the network's program, lowered where
+    the platform default is bf16 passes."""
+    model, x, t = unet.UNet(config), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t))
+    with jax.default_matmul_precision("bfloat16"):
+        text = jax.jit(lambda p: model.apply(p, x, t)).lower(params).as_text()
+    ops = [
+        line
+        for line in text.splitlines()
+        if "stablehlo.convolution" in line or "dot_general" in line
+    ]
+    return [
+        re.search(r"precision(?:_config)? = \[(?:#stablehlo<precision )?(\w+)", line)[1]
+        for line in ops
+    ]
+
+
+def test_precision_reaches_every_convolution_and_matmul():
+    highest = matmul_precisions(dataclasses.replace(TINY, precision="highest"))
+    default = matmul_precisions(TINY)
+    flat = traverse_util.flatten_dict(param_shapes(TINY, 8))
+    kernels = sum(path[-1] == "kernel" for path in flat)  # one op per conv or dense layer
+    attention = sum(path[-2:] == ("q", "kernel") for path in flat)  # and two matmuls each
+    assert len(highest) == len(default) == kernels + 2 * attention
+    assert set(highest) == {"HIGHEST"} and set(default) == {"DEFAULT"}
 
 
 def test_bad_image_size():
