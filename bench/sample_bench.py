@@ -1,7 +1,8 @@
 """Sampler overhead and compile cost, measured against the bare network in the same run.
 
     python bench/sample_bench.py                       # CIFAR10 network, batch 8, 50 steps
-    python bench/sample_bench.py --config configs/mnist.py --batch 64 --steps 100
+    python bench/sample_bench.py --config mnist --batch 64 --steps 100
+    python bench/sample_bench.py --batch 256 --dtype bfloat16   # a GPU
 
 Reports image-steps/s of the full `lax.scan` sampler over --steps steps against
 --steps separate forward passes of the network (the loop's overhead; target < 5%),
@@ -24,8 +25,16 @@ from unet_bench import timed  # noqa: E402  (bench/ is on sys.path when run as a
 from ddpm_jax import config_lib, sampling, unet  # noqa: E402
 
 
+def load(args):
+    """The config, with --dtype / --precision applied."""
+    config = config_lib.load_config(args.config)
+    for name in ("dtype", "precision"):
+        if getattr(args, name) is not None:
+            config.model[name] = getattr(args, name)
+    return config
+
+
 def sampler(config, model, num_timesteps, batch):
-    config = config_lib.load_config(config) if isinstance(config, str) else config
     config.diffusion.num_timesteps = num_timesteps
     return lambda params, rng: sampling.sample(
         params,
@@ -37,8 +46,8 @@ def sampler(config, model, num_timesteps, batch):
     )
 
 
-def compile_cost(config_path, model, params, num_timesteps, batch):
-    fn = sampler(config_path, model, num_timesteps, batch)
+def compile_cost(config, model, params, num_timesteps, batch):
+    fn = sampler(config, model, num_timesteps, batch)
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(params, jax.random.PRNGKey(0)).compile()
     seconds = time.perf_counter() - start
@@ -47,14 +56,14 @@ def compile_cost(config_path, model, params, num_timesteps, batch):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--config", default=str(Path(__file__).resolve().parents[1] / "configs/cifar.py")
-    )
+    parser.add_argument("--config", default="cifar", help="a config's name or path")
+    parser.add_argument("--dtype", default=None, help="config.model.dtype (default: the config's)")
+    parser.add_argument("--precision", default=None, help="config.model.precision")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    config = config_lib.load_config(args.config)
+    config = load(args)
     model = unet.UNet(config_lib.unet_config(config))
     size, ch = config.data.image_size, config.data.num_channels
     x = jax.random.normal(jax.random.key(0), (args.batch, size, size, ch))
@@ -63,7 +72,7 @@ def main():
 
     forward = lambda p, x, t: model.apply({"params": p}, x, t)
     one = timed(forward, params, x, t, repeats=args.repeats)[1]
-    full = sampler(config_lib.load_config(args.config), model, args.steps, args.batch)
+    full = sampler(load(args), model, args.steps, args.batch)
     whole = timed(full, params, jax.random.PRNGKey(0), repeats=args.repeats)[1]
     print(f"network forward, batch {args.batch}: {one * 1e3:.1f} ms")
     rate = args.batch * args.steps / whole
@@ -71,7 +80,7 @@ def main():
     overhead = whole / (args.steps * one) - 1
     print(f"{args.steps} bare forwards: {args.steps * one:.2f} s; loop overhead {overhead:+.1%}")
     for T in (10, 1000):
-        seconds, mib = compile_cost(args.config, model, params, T, args.batch)
+        seconds, mib = compile_cost(load(args), model, params, T, args.batch)
         print(f"compile at T={T:4d}: {seconds:5.1f} s, XLA temp {mib:7.1f} MiB")
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"peak RSS of this process: {rss_gib:.2f} GiB")

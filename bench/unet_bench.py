@@ -2,6 +2,7 @@
 
     python bench/unet_bench.py                     # the paper's CIFAR10 network
     python bench/unet_bench.py --dtype bfloat16 --fwd_batch 16 --repeats 3
+    python bench/unet_bench.py --train_batch 128 --fwd_batch 256 [--dtype bfloat16]  # a GPU
 
 Measures, in one run: the machine's 3x3 conv GFLOP/s (128 ch, 32x32, batch 32, the best
 of measurements taken between the model's, as the machine is shared); the forward pass
@@ -9,13 +10,16 @@ at --fwd_batch, whole and as lax.map over chunks of --chunk; the full train step
 (L_simple, grad, Adam) at --train_batch. FLOPs are counted from the architecture (convs,
 dense layers, attention matmuls: 12.44 GFLOP per 32x32 image forward, 3x that for a
 train step). Reports images/s, compile time, XLA's temporary buffer size, and achieved /
-conv-peak GFLOP/s.
+conv-peak GFLOP/s; for the train step also its compile time from JAX's persistent cache
+(a fresh one in a temporary directory), what a relaunch pays. --precision is
+config.model.precision ("default": TF32 on GPUs, "highest": true float32).
 """
 
 import argparse
 import math
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +29,7 @@ import optax
 from flax import traverse_util
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ddpm_jax import diffusion, schedules, unet  # noqa: E402
+from ddpm_jax import cli, diffusion, schedules, unet  # noqa: E402
 
 
 def timed(fn, *args, repeats):
@@ -40,6 +44,15 @@ def timed(fn, *args, repeats):
         jax.block_until_ready(compiled(*args))
         best = min(best, time.perf_counter() - start)
     return compile_s, best, compiled
+
+
+def cached_compile_s(fn, *args):
+    """Seconds to compile fn again once the in-memory caches are cleared: with the
+    persistent cache on, a relaunch's cost."""
+    jax.clear_caches()
+    start = time.perf_counter()
+    jax.jit(fn).lower(*args).compile()
+    return time.perf_counter() - start
 
 
 def layer_resolution(path, image_size, num_levels):
@@ -115,14 +128,16 @@ def main():
     parser.add_argument("--chunk", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=sorted(unet.DTYPES))
+    parser.add_argument("--precision", default="default", choices=sorted(unet.PRECISIONS))
     args = parser.parse_args()
+    cli.use_compilation_cache(tempfile.mkdtemp(prefix="unet_bench_cache_"))
 
-    config = unet.UNetConfig(dtype=args.dtype)
+    config = unet.UNetConfig(dtype=args.dtype, precision=args.precision)
     model, sched = unet.UNet(config), schedules.make_schedule("linear")
     x = jax.random.uniform(jax.random.key(0), (args.fwd_batch, 32, 32, 3), minval=-1, maxval=1)
     t = jnp.arange(args.fwd_batch, dtype=jnp.int32)
     params = jax.jit(model.init)(jax.random.key(1), x[:1], t[:1])["params"]
-    print(f"devices: {jax.devices()}, dtype {args.dtype}")
+    print(f"devices: {jax.devices()}, dtype {args.dtype}, precision {args.precision}")
     peaks = [conv_peak(args.repeats, unet.DTYPES[args.dtype])]
     peak = lambda: max(peaks)
     flops = forward_flops(params, 32)
@@ -139,16 +154,19 @@ def main():
 
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(2e-4))
     step = make_train_step(model, sched, tx)
-    x0 = x[: args.train_batch]
-    results["train"] = timed(
-        step, params, tx.init(params), x0, jax.random.key(2), repeats=args.repeats
-    )
+    x0 = x[: args.train_batch] if args.train_batch <= args.fwd_batch else None
+    if x0 is None:
+        x0 = jax.random.uniform(jax.random.key(3), (args.train_batch, 32, 32, 3), minval=-1)
+    train_args = (params, tx.init(params), x0, jax.random.key(2))
+    results["train"] = timed(step, *train_args, repeats=args.repeats)
+    cached = cached_compile_s(step, *train_args)
     peaks.append(conv_peak(args.repeats, unet.DTYPES[args.dtype]))
     print(f"conv peak (3x3, 128 ch, 32x32, batch 32), measured {len(peaks)} times between the")
     print(f"  others; the best is used: {', '.join(f'{p:.1f}' for p in peaks)} GFLOP/s")
     for name, result in results.items():
         batch = args.train_batch if name == "train" else args.fwd_batch
         report(name, batch, batch * flops * (3 if name == "train" else 1), *result, peak)
+    print(f"train step compile: {results['train'][0]:.1f} s cold, {cached:.1f} s from the cache")
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"peak RSS of this process: {rss_gib:.2f} GiB")
 
