@@ -166,3 +166,17 @@ def test_keep_checkpoints_0_fails_at_once_and_deletes_nothing(tmp_path, trained)
     with pytest.raises(UserError, match=r"^config.training.keep_checkpoints must be >= 1, got 0"):
         train_lib.train_and_evaluate(tiny_config(num_steps=4, keep_checkpoints=0), tmp_path)
     assert checkpointing.steps(tmp_path) == [2] and int(final_state(tmp_path).step) == 2
+
+
+def test_evaluate_py_refuses_a_zero_batch_before_any_work(tmp_path, trained):
+    copy_of(trained, tmp_path)
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), "--config", "tiny", "--eval=nll"]
+    cmd += ["--workdir", str(tmp_path), "--batch_size=0"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: eval.batch_size=0 must be a positive multiple of the number of devices")
+    )
+    assert not (tmp_path / "eval").exists()  # nothing was evaluated or written
