@@ -28,10 +28,12 @@ from absl import logging
 from ddpm_jax import fs
 from ddpm_jax.errors import UserError
 
-# The settings that shape the parameters or their meaning: all of config.model, and these.
+# The settings that shape the parameters, their meaning or the train state: all of
+# config.model, and these.
 SHAPING = dict(
     diffusion=("num_timesteps", "beta_schedule", "beta_start", "beta_end", "mean_type", "var_type"),
     data=("image_size", "num_channels"),
+    training=("timestep_sampler",),
 )
 
 
@@ -73,14 +75,18 @@ def make_manager(workdir, keep=3, keep_period=None, async_save=True):
 
 
 def as_dict(state):
-    """TrainState -> plain dict (what is written), so checkpoints do not depend on the class."""
-    return dict(
+    """TrainState -> plain dict (what is written), so checkpoints do not depend on the class;
+    the importance sampler's loss history only where there is one."""
+    tree = dict(
         step=state.step,
         params=state.params,
         ema_params=state.ema_params,
         opt_state=state.opt_state,
         rng=state.rng,
     )
+    if state.history is not None:
+        tree["history"] = dict(losses=state.history.losses, counts=state.history.counts)
+    return tree
 
 
 # ---- What a checkpoint records ------------------------------------------------------------
@@ -90,7 +96,7 @@ def settings(config):
     """{"model.ch": 128, "diffusion.num_timesteps": 1000, ...}: the SHAPING settings of
     config as JSON values."""
     names = {"model": sorted(config.model), **SHAPING}
-    flat = {f"{g}.{n}": config[g][n] for g, group in names.items() for n in group}
+    flat = {f"{g}.{n}": config[g].get(n) for g, group in names.items() for n in group}
     return json.loads(json.dumps(flat))  # tuples -> lists, as they are read back
 
 
@@ -298,7 +304,11 @@ def restore(workdir, abstract_state, config, quarantine=False):
         return jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(tree))
 
     tree, step = _newest_good(workdir, config, read, quarantine)
-    return (None, None) if tree is None else (abstract_state.replace(**tree), step)
+    if tree is None:
+        return None, None
+    if "history" in tree:
+        tree["history"] = abstract_state.history.replace(**tree["history"])
+    return abstract_state.replace(**tree), step
 
 
 def with_shardings(abstract, shardings):

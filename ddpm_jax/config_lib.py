@@ -10,7 +10,7 @@ import importlib.util
 import math
 from pathlib import Path
 
-from ddpm_jax import diffusion, schedules, unet
+from ddpm_jax import diffusion, schedules, timesteps, unet
 from ddpm_jax.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -67,14 +67,16 @@ def load_config(path_or_name):
 
 
 def unet_config(config):
-    """The UNetConfig of config.model, with out_ch = config.data.num_channels."""
+    """The UNetConfig of config.model, its out_ch following from the diffusion spec
+    (config.data.num_channels, twice that with a learned variance)."""
     fields = {f.name for f in dataclasses.fields(unet.UNetConfig)} - {"out_ch"}
     unknown = set(config.model) - fields
     if unknown:
         raise UserError(f"unknown config.model settings {sorted(unknown)}; known: {sorted(fields)}")
     model = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in config.model.items()}
+    out_ch = diffusion_spec(config).output_channels(config.data.num_channels)
     try:
-        return unet.UNetConfig(**model, out_ch=config.data.num_channels)
+        return unet.UNetConfig(**model, out_ch=out_ch)
     except ValueError as e:
         raise UserError(f"config.model: {e}") from e
 
@@ -87,12 +89,33 @@ def make_schedule(config):
     )
 
 
-def check_diffusion(config):
+def diffusion_spec(config):
+    """The DiffusionSpec of config.diffusion, with config.sampling.clip_x0; a mistake is a
+    UserError naming the setting."""
     d = config.diffusion
     try:
-        diffusion.check_choice("config.diffusion.mean_type", d.mean_type, diffusion.MEAN_TYPES)
-        diffusion.check_choice("config.diffusion.var_type", d.var_type, diffusion.VAR_TYPES)
-        diffusion.check_choice("config.diffusion.loss_type", d.loss_type, diffusion.LOSS_TYPES)
+        return diffusion.DiffusionSpec(
+            mean_type=d.mean_type,
+            var_type=d.var_type,
+            loss_type=d.loss_type,
+            clip_x0=bool(config.sampling.clip_x0),
+            hybrid_lambda=d.get("hybrid_lambda", diffusion.DiffusionSpec.hybrid_lambda),
+        )
+    except UserError as e:
+        raise UserError(f"config.diffusion.{e}") from None
+
+
+def timestep_sampler(config):
+    """config.training.timestep_sampler as a timesteps.Sampler."""
+    name = config.training.get("timestep_sampler", "uniform")
+    diffusion.check_choice("config.training.timestep_sampler", name, tuple(timesteps.Sampler))
+    return timesteps.Sampler(name)
+
+
+def check_diffusion(config):
+    d = config.diffusion
+    diffusion_spec(config)
+    try:
         schedules.get_beta_schedule(
             d.beta_schedule,
             beta_start=d.beta_start,
@@ -138,6 +161,7 @@ def check_config(config, num_devices=1, num_processes=1):
     check_batch("training.batch_size", config.training.batch_size, num_devices, num_processes)
     check_sampling(config)
     check_training(config)
+    timestep_sampler(config)
     check_eval(config, num_devices, num_processes)
     return model
 

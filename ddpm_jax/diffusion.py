@@ -1,31 +1,35 @@
 """The mathematics of DDPM (Ho, Jain, Abbeel 2020) as pure JAX functions.
 
 Forward process q(x_t|x_0), posterior q(x_{t-1}|x_t,x_0), reverse process p_θ(x_{t-1}|x_t)
-from a network output, the training losses and the variational bound in bits/dim.
-No Flax and no config objects: a `Schedule` (see schedules.py) and arrays in, arrays out.
+from a network output, the training losses and the variational bound in bits/dim; and
+what came after the paper: learned variances and the hybrid loss (Nichol & Dhariwal
+2021), v-prediction (Salimans & Ho 2022), an L1 loss and DDIM steps (Song et al. 2021).
+No Flax and no config objects: a `Schedule` (schedules.py), a `DiffusionSpec` (spec.py)
+and arrays in, arrays out.
 
 Conventions (DESIGN.md §2): images NHWC in [-1, 1]; `t` is a 0-based int array of shape
 (B,), `t = 0` being the paper's step 1; bits/dim are nats averaged over all dimensions
 divided by ln 2.
 """
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax.errors import UserError
 from ddpm_jax.schedules import Schedule
-
-MEAN_TYPES = ("eps", "x0", "xprev")  # what the network predicts (§3.2)
-VAR_TYPES = ("fixedsmall", "fixedlarge")  # σ²_t = β̃_t or β_t (§3.2)
-LOSS_TYPES = ("mse", "kl")  # L_simple (eq. 14) or the true bound (eq. 5)
-
-
-def check_choice(name, value, choices):
-    """Raise a UserError naming `name` unless `value` is one of `choices`."""
-    if value not in choices:
-        raise UserError(f"unknown {name} {value!r}; choose one of {choices}")
+from ddpm_jax.spec import (  # noqa: F401 (re-exported: the spec is part of this API)
+    LOSS_TYPES,
+    MEAN_TYPES,
+    VAR_TYPES,
+    DiffusionSpec,
+    LossType,
+    MeanType,
+    VarType,
+    check_choice,
+    split_output,
+)
 
 
 def _at(table, t, x):
@@ -90,43 +94,81 @@ def predict_x0_from_xprev(sched: Schedule, x_t, t, xprev):
     return (xprev - coef2 * x_t) / coef1
 
 
-def model_variance(sched: Schedule, x_t, t, var_type):
-    """Σ_θ = σ²_t I (§3.2): 'fixedsmall' σ² = β̃_t, 'fixedlarge' σ² = β_t; (var, log var).
+def predict_x0_from_v(sched: Schedule, x_t, t, v):
+    """x̂_0 = √ᾱ_t x_t - √(1-ᾱ_t) v, from v = √ᾱ_t ε - √(1-ᾱ_t) x_0 and eq. 4."""
+    return _at(sched.sqrt_alphas_cumprod, t, x_t) * x_t - (
+        _at(sched.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+    )
 
-    At t=0 the log variance is log β̃ of the first nonzero entry for both types (the
-    discretized decoder needs a finite scale; the variance itself is unused there).
-    """
-    check_choice("var_type", var_type, VAR_TYPES)
-    if var_type == "fixedsmall":
+
+def v_target(sched: Schedule, x0, t, eps):
+    """v = √ᾱ_t ε - √(1-ᾱ_t) x_0 (Salimans & Ho 2022), the target of mean_type 'v'."""
+    return _at(sched.sqrt_alphas_cumprod, t, x0) * eps - (
+        _at(sched.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+    )
+
+
+def model_variance(sched: Schedule, spec: DiffusionSpec, x_t, t, var_output=None):
+    """Σ_θ = σ²_t I as (variance, log variance). Fixed (§3.2): 'fixedsmall' σ² = β̃_t,
+    'fixedlarge' σ² = β_t; at t=0 both take log β̃ of the first nonzero entry (the
+    discretized decoder needs a finite scale). 'learned_range': the network's var_output
+    in [-1, 1] is v = (var_output + 1)/2 and log Σ = v log β_t + (1-v) log β̃_t (Nichol &
+    Dhariwal eq. 15), with β̃'s clipped log; at t=0 it spans [log β̃_2, log β_1]."""
+    if spec.var_type == VarType.FIXED_SMALL:
         return _at(sched.posterior_variance, t, x_t), _at(
             sched.posterior_log_variance_clipped, t, x_t
         )
-    return _at(sched.betas, t, x_t), _at(sched.large_log_variance, t, x_t)
+    if spec.var_type == VarType.FIXED_LARGE:
+        return _at(sched.betas, t, x_t), _at(sched.large_log_variance, t, x_t)
+    frac = (var_output + 1.0) / 2.0
+    min_log = _at(sched.posterior_log_variance_clipped, t, x_t)
+    max_log = jnp.log(_at(sched.betas, t, x_t))
+    log_variance = frac * max_log + (1.0 - frac) * min_log
+    return jnp.exp(log_variance), log_variance
 
 
-def p_mean_variance(sched: Schedule, model_output, x_t, t, mean_type, var_type, clip_x0=True):
-    """p_θ(x_{t-1}|x_t) = N(μ_θ, σ²_t I) from the network output (eq. 1, 11): dict of
-    mean, variance, log_variance and the implied x̂_0 (clipped to [-1, 1] if clip_x0)."""
-    check_choice("mean_type", mean_type, MEAN_TYPES)
-    variance, log_variance = model_variance(sched, x_t, t, var_type)
-    clip = (lambda x: jnp.clip(x, -1.0, 1.0)) if clip_x0 else (lambda x: x)
-    if mean_type == "xprev":
-        mean = model_output
-        x0_pred = clip(predict_x0_from_xprev(sched, x_t, t, model_output))
+def predict_x0(sched: Schedule, spec: DiffusionSpec, mean_output, x_t, t):
+    """x̂_0 implied by the mean part of the network output, for any mean type (unclipped)."""
+    predict = {
+        MeanType.EPS: predict_x0_from_eps,
+        MeanType.XPREV: predict_x0_from_xprev,
+        MeanType.V: predict_x0_from_v,
+    }.get(spec.mean_type)
+    return mean_output if predict is None else predict(sched, x_t, t, mean_output)
+
+
+def p_mean_variance(sched: Schedule, spec: DiffusionSpec, model_output, x_t, t):
+    """p_θ(x_{t-1}|x_t) = N(μ_θ, Σ_θ) from the network output (eq. 1, 11): dict of mean,
+    variance, log_variance and the implied x̂_0 (clipped to [-1, 1] if spec.clip_x0)."""
+    mean_output, var_output = split_output(spec, model_output)
+    variance, log_variance = model_variance(sched, spec, x_t, t, var_output)
+    x0_pred = predict_x0(sched, spec, mean_output, x_t, t)
+    if spec.clip_x0:
+        x0_pred = jnp.clip(x0_pred, -1.0, 1.0)
+    if spec.mean_type == MeanType.XPREV:
+        mean = mean_output
     else:
-        if mean_type == "eps":
-            x0_pred = clip(predict_x0_from_eps(sched, x_t, t, model_output))
-        else:
-            x0_pred = clip(model_output)
         mean, _, _ = q_posterior_mean_variance(sched, x0_pred, x_t, t)
     return dict(mean=mean, variance=variance, log_variance=log_variance, x0_pred=x0_pred)
 
 
-def p_sample(sched: Schedule, model_output, x_t, t, noise, mean_type, var_type, clip_x0=True):
+def _nonzero(t, x):
+    return (t != 0).astype(x.dtype).reshape((t.shape[0],) + (1,) * (x.ndim - 1))
+
+
+def reverse_step(sched: Schedule, spec: DiffusionSpec, model_output, x_t, t, z, eta=None):
+    """(x_{t-1}, x̂_0): the ancestral step x_{t-1} = μ_θ + σ_t z (Algorithm 2, line 4; no
+    noise at t=0), or with eta a DDIM step (ddim_step). The one step of every sampler."""
+    if eta is not None:
+        return ddim_step(sched, spec, model_output, x_t, t, z, eta)
+    out = p_mean_variance(sched, spec, model_output, x_t, t)
+    x_prev = out["mean"] + _nonzero(t, x_t) * jnp.exp(0.5 * out["log_variance"]) * z
+    return x_prev, out["x0_pred"]
+
+
+def p_sample(sched: Schedule, spec: DiffusionSpec, model_output, x_t, t, z):
     """One ancestral step x_{t-1} = μ_θ + σ_t z (Algorithm 2, line 4); no noise at t=0."""
-    out = p_mean_variance(sched, model_output, x_t, t, mean_type, var_type, clip_x0)
-    nonzero = (t != 0).astype(x_t.dtype).reshape((t.shape[0],) + (1,) * (x_t.ndim - 1))
-    return out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise
+    return reverse_step(sched, spec, model_output, x_t, t, z)[0]
 
 
 # ---- Likelihood terms -----------------------------------------------------------------
@@ -176,11 +218,11 @@ def prior_bpd(sched: Schedule, x0):
     return mean_flat(kl) / math.log(2.0)
 
 
-def vb_terms_bpd(sched: Schedule, model_output, x0, x_t, t, mean_type, var_type, clip_x0=True):
+def vb_terms_bpd(sched: Schedule, spec: DiffusionSpec, model_output, x0, x_t, t):
     """L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_θ(x_{t-1}|x_t)) for t>0 and the decoder
     L_0 = -log p_θ(x_0|x_1) at t=0 (eq. 5, 13), in bits/dim per example; also x̂_0."""
     true_mean, _, true_log_variance = q_posterior_mean_variance(sched, x0, x_t, t)
-    out = p_mean_variance(sched, model_output, x_t, t, mean_type, var_type, clip_x0)
+    out = p_mean_variance(sched, spec, model_output, x_t, t)
     kl = normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])
     kl = mean_flat(kl) / math.log(2.0)
     log_px0 = discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"])
@@ -196,52 +238,81 @@ def l_simple(model_output, target):
     return mean_flat(jnp.square(target - model_output))
 
 
-def training_losses(sched: Schedule, model_output, x0, x_t, t, eps, loss_type, mean_type, var_type):
-    """Per-example training loss: 'mse' is L_simple (eq. 14) against the target of the mean
-    type (ε, x_0 or μ̃_t), 'kl' is the true bound term L_{t-1} (eq. 5) in bits/dim."""
-    check_choice("loss_type", loss_type, LOSS_TYPES)
-    check_choice("mean_type", mean_type, MEAN_TYPES)
-    if loss_type == "kl":
-        return vb_terms_bpd(sched, model_output, x0, x_t, t, mean_type, var_type, False)[0]
-    if mean_type == "eps":
-        target = eps
-    elif mean_type == "x0":
-        target = x0
-    else:
-        target = q_posterior_mean_variance(sched, x0, x_t, t)[0]
-    return l_simple(model_output, target)
+def training_target(sched: Schedule, spec: DiffusionSpec, x0, x_t, t, eps):
+    """What the mean part of the network output is trained towards: ε, x_0, μ̃_t or v."""
+    if spec.mean_type == MeanType.EPS:
+        return eps
+    if spec.mean_type == MeanType.X0:
+        return x0
+    if spec.mean_type == MeanType.V:
+        return v_target(sched, x0, t, eps)
+    return q_posterior_mean_variance(sched, x0, x_t, t)[0]
+
+
+def training_losses(sched: Schedule, spec: DiffusionSpec, model_output, x0, x_t, t, eps):
+    """Per-example training loss. 'mse' is L_simple (eq. 14) against the mean type's target,
+    'l1' its mean absolute error, 'kl' the bound term L_{t-1} (eq. 5) in bits/dim, and
+    'hybrid' L_simple + λ·T·L_{t-1}: T·L_{t-1} estimates L_vlb = Σ_t L_t for a uniform t,
+    and the mean part is frozen in it so that it trains Σ_θ alone (Nichol & Dhariwal
+    eq. 16). The bound is computed with x̂_0 unclipped."""
+    bound_spec = dataclasses.replace(spec, clip_x0=False)
+    if spec.loss_type == LossType.KL:
+        return vb_terms_bpd(sched, bound_spec, model_output, x0, x_t, t)[0]
+    mean_output, var_output = split_output(spec, model_output)
+    error = training_target(sched, spec, x0, x_t, t, eps) - mean_output
+    if spec.loss_type == LossType.L1:
+        return mean_flat(jnp.abs(error))
+    loss = mean_flat(jnp.square(error))
+    if spec.loss_type == LossType.HYBRID:
+        frozen = jnp.concatenate([jax.lax.stop_gradient(mean_output), var_output], axis=-1)
+        vb = vb_terms_bpd(sched, bound_spec, frozen, x0, x_t, t)[0]
+        loss = loss + spec.hybrid_lambda * sched.num_timesteps * vb
+    return loss
 
 
 # ---- The full variational bound ---------------------------------------------------------
 
 
-def _step_noise(rng, t, x0):
-    """ε ~ N(0, I) for step t from fold_in(rng, t), or per example from fold_in(key_i, t)."""
-    typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
-    if rng.ndim == (1 if typed else 2):
-        noise = lambda k: jax.random.normal(jax.random.fold_in(k, t), x0.shape[1:], x0.dtype)
-        return jax.vmap(noise)(rng)
-    return jax.random.normal(jax.random.fold_in(rng, t), x0.shape, x0.dtype)
+def _is_key(x):
+    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key) or jnp.issubdtype(x.dtype, jnp.integer)
 
 
-def bpd_loop(sched: Schedule, model_fn, x0, rng, mean_type, var_type, clip_x0=True):
+def keyed_normal(keys, t, shape):
+    """Per-example N(0, I) of the given shape from fold_in(key_i, t) (float32)."""
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), shape))(keys)
+
+
+def step_noise(noise, t, x):
+    """The N(0, I) draw of step t, shaped like x, from `noise`: a function t -> array; an
+    array holding one draw per step on axis 0 (indexed by t); one PRNG key
+    (fold_in(key, t)); or one key per example (fold_in(key_i, t)), so that example i's
+    noise depends on its key alone, not on the batch it is in."""
+    if callable(noise):
+        return noise(t).astype(x.dtype)
+    if not _is_key(noise):
+        return noise[t].astype(x.dtype)
+    typed = jnp.issubdtype(noise.dtype, jax.dtypes.prng_key)
+    if noise.ndim == (1 if typed else 2):
+        return keyed_normal(noise, t, x.shape[1:]).astype(x.dtype)
+    return jax.random.normal(jax.random.fold_in(noise, t), x.shape).astype(x.dtype)
+
+
+def bpd_loop(sched: Schedule, spec: DiffusionSpec, model_fn, x0, noise):
     """The whole bound L = L_T + Σ_{t=1}^T L_{t-1} (eq. 5) in bits/dim, by `lax.scan` over t.
 
-    model_fn(x_t, t) -> network output. rng is one key, or one key per example (then
-    example i's ε depends on its key alone, not on the batch it is in). Returns per-example
-    `total_bpd` and `prior_bpd` (B,), and per-step `terms_bpd`, `x0_mse`, `eps_mse` (B, T)
-    indexed by 0-based t; the ε of `eps_mse` is the one implied by x̂_0. Memory does not
-    grow with T beyond these tables.
+    model_fn(x_t, t) -> network output. The ε of step t is step_noise(noise, t, x0): one
+    key, one key per example, a function of t or an array (T, *x0.shape). Returns
+    per-example `total_bpd` and `prior_bpd` (B,), and per-step `terms_bpd`, `x0_mse`,
+    `eps_mse` (B, T) indexed by 0-based t; the ε of `eps_mse` is the one implied by x̂_0.
+    Memory does not grow with T beyond these tables.
     """
     batch = x0.shape[0]
 
     def step(_, t):
         t_b = jnp.full((batch,), t, dtype=jnp.int32)
-        eps = _step_noise(rng, t, x0)
+        eps = step_noise(noise, t, x0)
         x_t = q_sample(sched, x0, t_b, eps)
-        vb, x0_pred = vb_terms_bpd(
-            sched, model_fn(x_t, t_b), x0, x_t, t_b, mean_type, var_type, clip_x0
-        )
+        vb, x0_pred = vb_terms_bpd(sched, spec, model_fn(x_t, t_b), x0, x_t, t_b)
         eps_pred = predict_eps_from_x0(sched, x_t, t_b, x0_pred)
         terms = (vb, l_simple(x0_pred, x0), l_simple(eps_pred, eps))
         return None, terms
@@ -263,15 +334,13 @@ def bpd_loop(sched: Schedule, model_fn, x0, rng, mean_type, var_type, clip_x0=Tr
 # ---- Fast sampling ----------------------------------------------------------------------
 
 
-def ddim_step(sched: Schedule, model_output, x_t, t, noise, eta, mean_type, clip_x0=True):
+def ddim_step(sched: Schedule, spec: DiffusionSpec, model_output, x_t, t, z, eta):
     """One DDIM step (Song et al. 2021, eq. 12): x_{t-1} = √ᾱ_{t-1} x̂_0 + √(1-ᾱ_{t-1}-σ²) ε̂
     + σ z with σ = η √((1-ᾱ_{t-1})/(1-ᾱ_t)) √(1-ᾱ_t/ᾱ_{t-1}); η=1 is ancestral sampling
     with σ² = β̃ (given a consistent ε̂), η=0 is deterministic. Returns (x_{t-1}, x̂_0)."""
-    out = p_mean_variance(sched, model_output, x_t, t, mean_type, "fixedsmall", clip_x0)
-    x0_pred = out["x0_pred"]
+    x0_pred = p_mean_variance(sched, spec, model_output, x_t, t)["x0_pred"]
     eps = predict_eps_from_x0(sched, x_t, t, x0_pred)
     ab, ab_prev = _at(sched.alphas_cumprod, t, x_t), _at(sched.alphas_cumprod_prev, t, x_t)
     sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
     mean = jnp.sqrt(ab_prev) * x0_pred + jnp.sqrt(jnp.maximum(1 - ab_prev - sigma**2, 0.0)) * eps
-    nonzero = (t != 0).astype(x_t.dtype).reshape((t.shape[0],) + (1,) * (x_t.ndim - 1))
-    return mean + nonzero * sigma * noise, x0_pred
+    return mean + _nonzero(t, x_t) * sigma * z, x0_pred

@@ -5,20 +5,23 @@ discretized decoder and the prior term, sharded over devices and processes; its 
 terms give the rate / distortion curve of the paper's Table 4 and Fig. 5.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ddpm_jax import diffusion, input_pipeline, sampling, sharding
+from ddpm_jax import config_lib, diffusion, input_pipeline, sampling, sharding
 
 # ---- Variational bound over a split ------------------------------------------------------
 
 
 def bpd_step(params, x0, rng, *, config, model, sched):
-    """diffusion.bpd_loop for one batch with the network as ε_θ (x̂_0 clipped, as the authors)."""
-    d = config.diffusion
+    """diffusion.bpd_loop for one batch with the network of config's spec (x̂_0 clipped, as
+    the authors)."""
+    spec = dataclasses.replace(config_lib.diffusion_spec(config), clip_x0=True)
     model_fn = lambda x, t: model.apply({"params": params}, x, t)
-    return diffusion.bpd_loop(sched, model_fn, x0, rng, d.mean_type, d.var_type, clip_x0=True)
+    return diffusion.bpd_loop(sched, spec, model_fn, x0, rng)
 
 
 def jit_bpd_step(config, model, sched, mesh):

@@ -25,9 +25,7 @@ def example_keys(rng, num_samples, offset=0):
     return jax.vmap(lambda i: jax.random.fold_in(rng, i))(offset + jnp.arange(num_samples))
 
 
-def keyed_normal(keys, t, shape):
-    """Per-sample N(0, I) of the given image shape from fold_in(key_i, t)."""
-    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), shape))(keys)
+keyed_normal = diffusion.keyed_normal  # per-sample N(0, I) from fold_in(key_i, t)
 
 
 def initial_noise(keys, shape, num_timesteps):
@@ -35,18 +33,14 @@ def initial_noise(keys, shape, num_timesteps):
     return keyed_normal(keys, num_timesteps, shape)
 
 
-def _reverse_step(sched, model_fn, keys, mean_type, var_type, clip_x0, eta):
-    """(x_t, t) -> (x_{t-1}, x̂_0): Algorithm 2's line 4, or a DDIM step when eta is set."""
+def reverse_step_fn(sched, spec, model_fn, noise, eta=None):
+    """step(x_t, t) -> (x_{t-1}, x̂_0) for a traced scalar t: diffusion.reverse_step on the
+    network output, with the z of step t from diffusion.step_noise(noise, t, x_t)."""
 
     def step(x_t, t):
         t_b = jnp.full((x_t.shape[0],), t, dtype=jnp.int32)
-        z = keyed_normal(keys, t, x_t.shape[1:]).astype(x_t.dtype)
-        out = model_fn(x_t, t_b)
-        if eta is not None:
-            return diffusion.ddim_step(sched, out, x_t, t_b, z, eta, mean_type, clip_x0)
-        p = diffusion.p_mean_variance(sched, out, x_t, t_b, mean_type, var_type, clip_x0)
-        nonzero = (t != 0).astype(x_t.dtype)
-        return p["mean"] + nonzero * jnp.exp(0.5 * p["log_variance"]) * z, p["x0_pred"]
+        z = diffusion.step_noise(noise, t, x_t)
+        return diffusion.reverse_step(sched, spec, model_fn(x_t, t_b), x_t, t_b, z, eta)
 
     return step
 
@@ -58,27 +52,17 @@ def reverse_steps(step, x, t_top, length):
     return jax.lax.scan(lambda x, t: (step(x, t)[0], None), x, ts)[0]
 
 
-def sample_loop(
-    sched,
-    model_fn,
-    x_T,
-    keys,
-    mean_type,
-    var_type,
-    clip_x0=True,
-    t_start=None,
-    eta=None,
-    every=None,
-):
-    """Run p_θ from x_T down to x_0 (Algorithm 2). model_fn(x_t, t) -> network output;
-    keys: one per sample (example_keys); the z of step t is keyed_normal(keys, t).
+def sample_loop(sched, spec, model_fn, x_T, noise, t_start=None, eta=None, every=None):
+    """Run p_θ from x_T down to x_0 (Algorithm 2). model_fn(x_t, t) -> network output; the
+    z of step t is diffusion.step_noise(noise, t, x): noise is one key per sample
+    (example_keys), a function of t, or an array with one draw per step on axis 0.
 
     t_start (default T-1) starts the chain at an intermediate step with x_T taken as
     x_{t_start}. eta switches to DDIM steps (0: deterministic). With `every` = k, also
     returns the progression (Fig. 6): x_t and x̂_0 after every k steps, stacked on axis 0.
     """
     t_start = sched.num_timesteps - 1 if t_start is None else t_start
-    step = _reverse_step(sched, model_fn, keys, mean_type, var_type, clip_x0, eta)
+    step = reverse_step_fn(sched, spec, model_fn, noise, eta)
     if every is None:
         return reverse_steps(step, x_T, t_start, t_start + 1)
     ts = jnp.arange(t_start, -1, -1, dtype=jnp.int32)
@@ -95,21 +79,22 @@ def sample_loop(
 
 def respaced(sched, model_fn, num_steps):
     """(Schedule, model_fn) of a chain over `num_steps` evenly spaced steps of `sched`; the
-    network still sees the original step indices. num_steps = T gives the same chain."""
+    network still sees the original step indices. num_steps = T gives the same chain.
+    Fixed and learned variances alike come from the respaced β's (Nichol & Dhariwal §4)."""
     timesteps = schedules.space_timesteps(sched.num_timesteps, num_steps)
     betas = schedules.respace_betas(np.asarray(sched.betas, np.float64), timesteps)
     timestep_map = jnp.asarray(timesteps, jnp.int32)
     return schedules.schedule_from_betas(betas), lambda x, t: model_fn(x, timestep_map[t])
 
 
-def from_shared_x_t(sched, model_fn, x_t, t, keys, mean_type, var_type, clip_x0=True):
+def from_shared_x_t(sched, spec, model_fn, x_t, t, keys):
     """Fig. 7: one x_t (a single image at step t) decoded len(keys) times with different
     reverse noise; what the samples share shows what x_t already determines."""
     x = jnp.broadcast_to(x_t[None], (keys.shape[0], *x_t.shape))
-    return sample_loop(sched, model_fn, x, keys, mean_type, var_type, clip_x0, t_start=t)
+    return sample_loop(sched, spec, model_fn, x, keys, t_start=t)
 
 
-def interpolate(sched, model_fn, x0_a, x0_b, t, lambdas, rng, mean_type, var_type, clip_x0=True):
+def interpolate(sched, spec, model_fn, x0_a, x0_b, t, lambdas, rng):
     """Fig. 8: diffuse x0_a and x0_b (single images) to step t, decode the latent
     x̄_t = (1-λ) x_t + λ x'_t for each λ, with the same reverse noise for every λ."""
     rng_a, rng_b, rng_reverse = jax.random.split(rng, 3)
@@ -119,7 +104,7 @@ def interpolate(sched, model_fn, x0_a, x0_b, t, lambdas, rng, mean_type, var_typ
     lam = jnp.asarray(lambdas, x_ta.dtype).reshape(-1, 1, 1, 1)
     x_bar = (1 - lam) * x_ta + lam * x_tb
     keys = jnp.stack([rng_reverse] * lam.shape[0])
-    return sample_loop(sched, model_fn, x_bar, keys, mean_type, var_type, clip_x0, t_start=t)
+    return sample_loop(sched, spec, model_fn, x_bar, keys, t_start=t)
 
 
 def quantize(x):
@@ -168,13 +153,13 @@ def sample_segment(params, rng, offset, x, t_top, *, config, model, sched, lengt
     """`length` steps of p_θ from chain step t_top down, for the samples of sample_init:
     config.sampling's chain (num_steps: 0 for all T steps, fewer respace it), method
     ('ancestral' = Algorithm 2, or 'ddim' with eta) and clip_x0."""
-    d, s = config.diffusion, config.sampling
+    s = config.sampling
     model_fn = lambda x_t, t: model.apply({"params": params}, x_t, t)
     if chain_length(config) != sched.num_timesteps:
         sched, model_fn = respaced(sched, model_fn, s.num_steps)
     keys = example_keys(rng, x.shape[0], offset)
     eta = s.eta if s.method == "ddim" else None
-    step = _reverse_step(sched, model_fn, keys, d.mean_type, d.var_type, s.clip_x0, eta)
+    step = reverse_step_fn(sched, config_lib.diffusion_spec(config), model_fn, keys, eta)
     return reverse_steps(step, x, t_top, length)
 
 

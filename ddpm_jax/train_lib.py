@@ -1,9 +1,9 @@
 """Training state, the pure train step (Algorithm 1), and its sharded, jitted form.
 
-train_step(state, x0) draws t ~ Uniform{0..T-1} and ε ~ N(0, I) on device from
-fold_in(state.rng, state.step), takes one gradient step on the configured loss
-(L_simple by default, eq. 14), clips the gradient norm, applies Adam with linear warmup
-and updates the EMA of the parameters.
+train_step(state, x0) draws t ~ Uniform{0..T-1} (or by importance, timesteps.py) and
+ε ~ N(0, I) on device from fold_in(state.rng, state.step), takes one gradient step on the
+configured loss (L_simple by default, eq. 14), clips the gradient norm, applies Adam with
+linear warmup and updates the EMA of the parameters.
 """
 
 import dataclasses
@@ -31,6 +31,7 @@ from ddpm_jax import (
     reporting,
     sampling,
     sharding,
+    timesteps,
     unet,
 )
 from ddpm_jax import workdir as workdir_lib
@@ -44,6 +45,7 @@ class TrainState:
     ema_params: Any
     opt_state: Any
     rng: jax.Array  # raw uint32[2] key; step keys are fold_in(rng, step)
+    history: Any = None  # timesteps.LossHistory of the importance sampler, else None
 
 
 def learning_rate_schedule(config):
@@ -78,31 +80,32 @@ def init_state(config, model, tx):
     size, ch = config.data.image_size, config.data.num_channels
     x, t = jnp.zeros((1, size, size, ch)), jnp.zeros((1,), jnp.int32)
     params = model.init(init_rng, x, t)["params"]
+    importance = config_lib.timestep_sampler(config) == timesteps.Sampler.IMPORTANCE
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         ema_params=params,
         opt_state=tx.init(params),
         rng=state_rng,
+        history=timesteps.init_history(config.diffusion.num_timesteps) if importance else None,
     )
 
 
 def train_step(state, x0, *, config, model, sched, tx):
     """One update on a batch of images x0 in [-1, 1] (Algorithm 1). Returns (state, metrics)."""
-    d = config.diffusion
+    spec = config_lib.diffusion_spec(config)
     t_rng, eps_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)
-    t = jax.random.randint(t_rng, (x0.shape[0],), 0, sched.num_timesteps)  # line 3
+    t, weights = timesteps.sample(t_rng, state.history, x0.shape[0], sched.num_timesteps)  # l. 3
     eps = jax.random.normal(eps_rng, x0.shape, x0.dtype)  # line 4
     x_t = diffusion.q_sample(sched, x0, t, eps)
 
     def loss_fn(params):  # line 5: the loss, averaged over the batch
         out = model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": dropout_rng})
-        losses = diffusion.training_losses(
-            sched, out, x0, x_t, t, eps, d.loss_type, d.mean_type, d.var_type
-        )
-        return jnp.mean(losses)
+        losses = diffusion.training_losses(sched, spec, out, x0, x_t, t, eps)
+        weighted = losses if weights is None else weights * losses
+        return jnp.mean(weighted), losses
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(config.training, state.step)
@@ -112,8 +115,9 @@ def train_step(state, x0, *, config, model, sched, tx):
         grad_norm=optax.tree.norm(grads),
         lr=learning_rate_schedule(config)(state.step),
     )
+    history = None if state.history is None else timesteps.update(state.history, t, losses)
     new_state = state.replace(
-        step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state
+        step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, history=history
     )
     return new_state, metrics
 

@@ -50,6 +50,10 @@ def data():
     return x0, eps, t
 
 
+def S(mean_type, var_type, clip_x0=True, loss="mse"):
+    return D.DiffusionSpec(mean_type, var_type, loss, clip_x0)
+
+
 def as_jax(*arrays):
     return [jnp.asarray(a) for a in arrays]
 
@@ -99,7 +103,7 @@ def test_eps_parameterisation_gives_eq11_mean(data, precision):
     betas, ab, _ = np_tables()
     x_t = np.sqrt(bcast(ab, t)) * x0 + np.sqrt(1 - bcast(ab, t)) * eps
     eq11 = (x_t - bcast(betas, t) / np.sqrt(1 - bcast(ab, t)) * eps) / np.sqrt(1 - bcast(betas, t))
-    out = D.p_mean_variance(sched, *as_jax(eps, x_t, t), "eps", "fixedlarge", clip_x0=False)
+    out = D.p_mean_variance(sched, S("eps", "fixedlarge", False), *as_jax(eps, x_t, t))
     np.testing.assert_allclose(
         out["mean"], eq11, rtol=1e-4 if precision > 1e-6 else 1e-9, atol=1e-5
     )
@@ -113,7 +117,8 @@ def test_mean_types_agree_on_the_true_answer(data, mean_type):
     sched = schedules.make_schedule("linear")
     x_t = D.q_sample(sched, x0, t, eps)
     target = {"eps": eps, "x0": x0, "xprev": D.q_posterior_mean_variance(sched, x0, x_t, t)[0]}
-    out = D.p_mean_variance(sched, target[mean_type], x_t, t, mean_type, "fixedsmall", False)
+    target["v"] = D.v_target(sched, x0, t, eps)
+    out = D.p_mean_variance(sched, S(mean_type, "fixedsmall", False), target[mean_type], x_t, t)
     want_mean = D.q_posterior_mean_variance(sched, x0, x_t, t)[0]
     np.testing.assert_allclose(out["mean"], want_mean, atol=1e-4)
     np.testing.assert_allclose(out["x0_pred"][:-1], x0[:-1], atol=2e-3)
@@ -122,7 +127,7 @@ def test_mean_types_agree_on_the_true_answer(data, mean_type):
 def test_clipping_of_x0(data):
     x0, eps, t = as_jax(*data)
     sched = schedules.make_schedule("linear")
-    out = D.p_mean_variance(sched, 3 * x0, x0, t, "x0", "fixedsmall", clip_x0=True)
+    out = D.p_mean_variance(sched, S("x0", "fixedsmall", True), 3 * x0, x0, t)
     np.testing.assert_allclose(out["x0_pred"], jnp.clip(3 * x0, -1, 1))
     assert float(jnp.max(jnp.abs(out["x0_pred"]))) <= 1.0
 
@@ -132,8 +137,8 @@ def test_variance_types(data, precision):
     sched = schedules.make_schedule("linear")
     betas, ab, ab_prev = np_tables()
     beta_tilde = (1 - ab_prev) / (1 - ab) * betas
-    small = D.model_variance(sched, jnp.asarray(x0), jnp.asarray(t), "fixedsmall")
-    large = D.model_variance(sched, jnp.asarray(x0), jnp.asarray(t), "fixedlarge")
+    small = D.model_variance(sched, S("eps", "fixedsmall"), jnp.asarray(x0), jnp.asarray(t))
+    large = D.model_variance(sched, S("eps", "fixedlarge"), jnp.asarray(x0), jnp.asarray(t))
     np.testing.assert_allclose(small[0][:, 0, 0, 0], beta_tilde[t], rtol=precision)
     np.testing.assert_allclose(large[0][:, 0, 0, 0], betas[t], rtol=precision)
     np.testing.assert_allclose(large[1][1:, 0, 0, 0], np.log(betas[t[1:]]), rtol=precision)
@@ -148,7 +153,7 @@ def test_p_sample_is_algorithm2_step(data, precision):
     sched = schedules.make_schedule("linear")
     betas, ab, _ = np_tables()
     x_t = np.sqrt(bcast(ab, t)) * x0 + np.sqrt(1 - bcast(ab, t)) * eps
-    got = D.p_sample(sched, *as_jax(eps, x_t, t, noise), "eps", "fixedlarge", clip_x0=False)
+    got = D.p_sample(sched, S("eps", "fixedlarge", False), *as_jax(eps, x_t, t, noise))
     # Algorithm 2 line 4 with σ_t² = β_t, and z = 0 at the last step (t=0 here).
     mean = (x_t - bcast(betas, t) / np.sqrt(1 - bcast(ab, t)) * eps) / np.sqrt(1 - bcast(betas, t))
     want = mean + (t > 0)[:, None, None, None] * np.sqrt(bcast(betas, t)) * noise
@@ -219,8 +224,8 @@ def test_true_posterior_model_has_zero_kl(data, mean_type, var_type):
     sched = schedules.make_schedule("linear")
     x_t = D.q_sample(sched, x0, t, eps)
     mean_true = D.q_posterior_mean_variance(sched, x0, x_t, t)[0]
-    target = {"eps": eps, "x0": x0, "xprev": mean_true}[mean_type]
-    vb, _ = D.vb_terms_bpd(sched, target, x0, x_t, t, mean_type, var_type, clip_x0=False)
+    target = {"eps": eps, "x0": x0, "xprev": mean_true, "v": D.v_target(sched, x0, t, eps)}
+    vb, _ = D.vb_terms_bpd(sched, S(mean_type, var_type, False), target[mean_type], x0, x_t, t)
     np.testing.assert_allclose(vb[1:], 0.0, atol=2e-5)
 
 
@@ -232,7 +237,9 @@ def test_decoder_term_at_t0(data):
     _, ab, _ = np_tables()
     x_1 = np.sqrt(ab[0]) * x0 + np.sqrt(1 - ab[0]) * eps
     model_out = 0.3 * eps  # a poor ε-prediction, so the decoder term is far from 0
-    vb, x0_pred = D.vb_terms_bpd(sched, *as_jax(model_out, x0, x_1, t0), "eps", "fixedlarge", False)
+    vb, x0_pred = D.vb_terms_bpd(
+        sched, S("eps", "fixedlarge", False), *as_jax(model_out, x0, x_1, t0)
+    )
     betas = np_tables()[0]
     mean = (x_1 - betas[0] / np.sqrt(1 - ab[0]) * model_out) / np.sqrt(1 - betas[0])
     beta_tilde_1 = (1 - ab[0]) / (1 - ab[1]) * betas[1]
@@ -248,17 +255,17 @@ def test_training_losses(data):
     sched = schedules.make_schedule("linear")
     x_t = D.q_sample(sched, x0, t, eps)
     out = 0.5 * eps
-    mse = D.training_losses(sched, out, x0, x_t, t, eps, "mse", "eps", "fixedlarge")
+    mse = D.training_losses(sched, S("eps", "fixedlarge"), out, x0, x_t, t, eps)
     np.testing.assert_allclose(
         mse, np.mean((0.5 * np.asarray(eps)) ** 2, axis=(1, 2, 3)), rtol=1e-6
     )
-    mse_x0 = D.training_losses(sched, out, x0, x_t, t, eps, "mse", "x0", "fixedlarge")
+    mse_x0 = D.training_losses(sched, S("x0", "fixedlarge"), out, x0, x_t, t, eps)
     np.testing.assert_allclose(
         mse_x0, np.mean((np.asarray(out - x0)) ** 2, axis=(1, 2, 3)), rtol=1e-6
     )
-    kl = D.training_losses(sched, out, x0, x_t, t, eps, "kl", "eps", "fixedlarge")
+    kl = D.training_losses(sched, S("eps", "fixedlarge", loss="kl"), out, x0, x_t, t, eps)
     np.testing.assert_allclose(
-        kl, D.vb_terms_bpd(sched, out, x0, x_t, t, "eps", "fixedlarge", False)[0]
+        kl, D.vb_terms_bpd(sched, S("eps", "fixedlarge", False), out, x0, x_t, t)[0]
     )
 
 
@@ -273,7 +280,7 @@ def test_bound_with_exact_predictor_for_gaussian_data():
     x0 = jax.random.normal(jax.random.key(0), (256, 4, 4, 2))
     out = jax.jit(
         lambda x0, rng: D.bpd_loop(
-            sched, exact_gaussian_eps(sched), x0, rng, "eps", "fixedlarge", False
+            sched, S("eps", "fixedlarge", False), exact_gaussian_eps(sched), x0, rng
         )
     )(x0, jax.random.key(1))
     betas, ab, ab_prev = (v[1:] for v in np_tables())  # t > 0: the KL terms
@@ -302,13 +309,13 @@ def test_bound_loop_equals_plain_loop():
     )
     model = lambda x_t, t: 0.9 * x_t + 0.01 * t[:, None, None, None]
     rng = jax.random.key(3)
-    got = D.bpd_loop(sched, model, x0, rng, "eps", "fixedsmall", clip_x0=True)
+    got = D.bpd_loop(sched, S("eps", "fixedsmall", True), model, x0, rng)
     for t in range(12):
         t_b = jnp.full((3,), t)
         eps = jax.random.normal(jax.random.fold_in(rng, t), x0.shape)
         x_t = D.q_sample(sched, x0, t_b, eps)
         vb, x0_pred = D.vb_terms_bpd(
-            sched, model(x_t, t_b), x0, x_t, t_b, "eps", "fixedsmall", True
+            sched, S("eps", "fixedsmall", True), model(x_t, t_b), x0, x_t, t_b
         )
         np.testing.assert_allclose(got["terms_bpd"][:, t], vb, rtol=1e-5)
         np.testing.assert_allclose(got["x0_mse"][:, t], D.l_simple(x0_pred, x0), rtol=1e-5)
@@ -327,10 +334,12 @@ def test_vmap_over_examples_equals_batch(data):
 @pytest.mark.parametrize(
     "call, word",
     [
-        (lambda s, a, t: D.p_mean_variance(s, a, a, t, "score", "fixedsmall"), "mean_type"),
-        (lambda s, a, t: D.p_mean_variance(s, a, a, t, "eps", "learned"), "var_type"),
+        (lambda s, a, t: D.p_mean_variance(s, S("score", "fixedsmall"), a, a, t), "mean_type"),
+        (lambda s, a, t: D.p_mean_variance(s, S("eps", "learned"), a, a, t), "var_type"),
         (
-            lambda s, a, t: D.training_losses(s, a, a, a, t, a, "l1", "eps", "fixedsmall"),
+            lambda s, a, t: D.training_losses(
+                s, S("eps", "fixedsmall", loss="huber"), a, a, a, t, a
+            ),
             "loss_type",
         ),
     ],

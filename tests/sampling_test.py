@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import mnist_data_dir
 
-from ddpm_jax import checkpointing, config_lib, diffusion, sampling, schedules
+from ddpm_jax import checkpointing, config_lib, diffusion, sampling, schedules, unet
 from ddpm_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,20 +18,33 @@ def toy_model(x_t, t):
     return 0.5 * x_t + 0.01 * t[:, None, None, None].astype(x_t.dtype)
 
 
+def S(mean_type, var_type, clip_x0=True):
+    """The spec of a model (a learned variance is trained by the bound)."""
+    loss = "kl" if var_type == "learned_range" else "mse"
+    return diffusion.DiffusionSpec(mean_type, var_type, loss, clip_x0)
+
+
+def toy_model_for(spec):
+    """toy_model, with a variance output in [-1, 1] when the spec learns one."""
+    if not spec.learned_variance:
+        return toy_model
+    return lambda x_t, t: jnp.concatenate([toy_model(x_t, t), jnp.tanh(x_t)], axis=-1)
+
+
 @pytest.mark.parametrize("mean_type", diffusion.MEAN_TYPES)
 @pytest.mark.parametrize("var_type", diffusion.VAR_TYPES)
 def test_scan_equals_plain_loop(mean_type, var_type):
     sched = schedules.make_schedule("linear", num_timesteps=10, beta_end=0.2)
     keys = sampling.example_keys(jax.random.key(0), 3)
     x_T = sampling.initial_noise(keys, (4, 4, 1), 10)
-    got = jax.jit(
-        lambda x: sampling.sample_loop(sched, toy_model, x, keys, mean_type, var_type, True)
-    )(x_T)
+    spec = S(mean_type, var_type, True)
+    model = toy_model_for(spec)
+    got = jax.jit(lambda x: sampling.sample_loop(sched, spec, model, x, keys))(x_T)
     x = x_T
     for t in reversed(range(10)):
         t_b = jnp.full((3,), t)
         z = sampling.keyed_normal(keys, t, (4, 4, 1))
-        x = diffusion.p_sample(sched, toy_model(x, t_b), x, t_b, z, mean_type, var_type, True)
+        x = diffusion.p_sample(sched, spec, model(x, t_b), x, t_b, z)
     np.testing.assert_allclose(got, x, rtol=1e-5, atol=1e-5)
 
 
@@ -43,7 +56,7 @@ def test_scan_is_algorithm_2_written_out():
     sched = schedules.make_schedule("linear", num_timesteps=T, beta_end=0.2)
     keys = sampling.example_keys(jax.random.key(1), 2)
     x_T = sampling.initial_noise(keys, (4, 4, 1), T)
-    got = sampling.sample_loop(sched, toy_model, x_T, keys, "eps", "fixedlarge", False)
+    got = sampling.sample_loop(sched, S("eps", "fixedlarge", False), toy_model, x_T, keys)
     x = np.asarray(x_T, np.float64)
     for t in reversed(range(T)):
         eps = 0.5 * x + 0.01 * t
@@ -69,7 +82,7 @@ def test_exact_predictor_samples_the_data_distribution():
     for eta in (None, 0.0):  # ancestral (Algorithm 2), and deterministic DDIM over all steps
         run = jax.jit(
             lambda x, eta=eta: sampling.sample_loop(
-                sched, exact_eps, x, keys, "eps", "fixedsmall", False, eta=eta
+                sched, S("eps", "fixedsmall", False), exact_eps, x, keys, eta=eta
             )
         )
         x0 = np.asarray(run(x_T)).ravel()
@@ -137,12 +150,14 @@ def test_ddim_eta1_is_ancestral_and_eta0_is_deterministic():
     sched = linear10()
     keys = sampling.example_keys(jax.random.key(3), 4)
     x_T = sampling.initial_noise(keys, (4, 4, 1), 10)
-    ancestral = sampling.sample_loop(sched, toy_model, x_T, keys, "eps", "fixedsmall", True)
-    ddim1 = sampling.sample_loop(sched, toy_model, x_T, keys, "eps", "fixedsmall", True, eta=1.0)
+    ancestral = sampling.sample_loop(sched, S("eps", "fixedsmall", True), toy_model, x_T, keys)
+    ddim1 = sampling.sample_loop(sched, S("eps", "fixedsmall", True), toy_model, x_T, keys, eta=1.0)
     np.testing.assert_allclose(ddim1, ancestral, rtol=1e-4, atol=1e-5)
     other_keys = sampling.example_keys(jax.random.key(4), 4)
-    a = sampling.sample_loop(sched, toy_model, x_T, keys, "eps", "fixedsmall", True, eta=0.0)
-    b = sampling.sample_loop(sched, toy_model, x_T, other_keys, "eps", "fixedsmall", True, eta=0.0)
+    a = sampling.sample_loop(sched, S("eps", "fixedsmall", True), toy_model, x_T, keys, eta=0.0)
+    b = sampling.sample_loop(
+        sched, S("eps", "fixedsmall", True), toy_model, x_T, other_keys, eta=0.0
+    )
     np.testing.assert_array_equal(a, b)
     assert float(jnp.max(jnp.abs(a - ancestral))) > 1e-3
 
@@ -162,8 +177,8 @@ def test_respacing():
     full, full_model = sampling.respaced(sched10, toy_model, 10)
     keys = sampling.example_keys(jax.random.key(5), 3)
     x_T = sampling.initial_noise(keys, (4, 4, 1), 10)
-    want = sampling.sample_loop(sched10, toy_model, x_T, keys, "eps", "fixedlarge", True)
-    got = sampling.sample_loop(full, full_model, x_T, keys, "eps", "fixedlarge", True)
+    want = sampling.sample_loop(sched10, S("eps", "fixedlarge", True), toy_model, x_T, keys)
+    got = sampling.sample_loop(full, S("eps", "fixedlarge", True), full_model, x_T, keys)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -171,27 +186,29 @@ def test_progressive_snapshots():
     sched = linear10()
     keys = sampling.example_keys(jax.random.key(6), 2)
     x_T = sampling.initial_noise(keys, (4, 4, 1), 10)
-    x0, prog = sampling.sample_loop(sched, toy_model, x_T, keys, "eps", "fixedsmall", True, every=5)
+    x0, prog = sampling.sample_loop(
+        sched, S("eps", "fixedsmall", True), toy_model, x_T, keys, every=5
+    )
     assert prog["x_t"].shape == (2, 2, 4, 4, 1) and prog["x0_pred"].shape == (2, 2, 4, 4, 1)
     np.testing.assert_array_equal(prog["x_t"][-1], x0)
     five = sampling.sample_loop(
-        sched, toy_model, x_T, keys, "eps", "fixedsmall", True, t_start=None
+        sched, S("eps", "fixedsmall", True), toy_model, x_T, keys, t_start=None
     )
     np.testing.assert_allclose(five, x0, rtol=1e-6)
     # The first snapshot is the chain after 5 steps: continuing it from t=4 gives x_0.
     rest = sampling.sample_loop(
-        sched, toy_model, prog["x_t"][0], keys, "eps", "fixedsmall", True, t_start=4
+        sched, S("eps", "fixedsmall", True), toy_model, prog["x_t"][0], keys, t_start=4
     )
     np.testing.assert_allclose(rest, x0, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="every=3"):
-        sampling.sample_loop(sched, toy_model, x_T, keys, "eps", "fixedsmall", True, every=3)
+        sampling.sample_loop(sched, S("eps", "fixedsmall", True), toy_model, x_T, keys, every=3)
 
 
 def test_interpolation_endpoints():
     sched = linear10()
     x_a, x_b = jnp.full((4, 4, 1), -0.5), jnp.full((4, 4, 1), 0.5)
     out = sampling.interpolate(
-        sched, toy_model, x_a, x_b, 6, [0.0, 0.5, 1.0], jax.random.key(7), "eps", "fixedsmall"
+        sched, S("eps", "fixedsmall"), toy_model, x_a, x_b, 6, [0.0, 0.5, 1.0], jax.random.key(7)
     )
     assert out.shape == (3, 4, 4, 1)
     # λ = 0 and 1 decode the two encodings with the same reverse noise: the middle lies between.
@@ -202,10 +219,10 @@ def test_from_shared_x_t():
     sched = linear10()
     x_t = jax.random.normal(jax.random.key(8), (4, 4, 1))
     keys = sampling.example_keys(jax.random.key(9), 3)
-    late = sampling.from_shared_x_t(sched, toy_model, x_t, 6, keys, "eps", "fixedsmall")
+    late = sampling.from_shared_x_t(sched, S("eps", "fixedsmall"), toy_model, x_t, 6, keys)
     assert late.shape == (3, 4, 4, 1) and float(jnp.std(late, axis=0).mean()) > 1e-3
     # From step 0 only the noiseless last step remains: every sample is the same.
-    first = sampling.from_shared_x_t(sched, toy_model, x_t, 0, keys, "eps", "fixedsmall")
+    first = sampling.from_shared_x_t(sched, S("eps", "fixedsmall"), toy_model, x_t, 0, keys)
     np.testing.assert_array_equal(first[0], first[1])
     np.testing.assert_array_equal(first[1], first[2])
 
@@ -250,3 +267,27 @@ def test_sample_fn_names_a_bad_sample_count(tiny_model, bad):
     config, _, params = tiny_model
     with pytest.raises(UserError, match="num_samples must be"):
         sampling.make_sample_fn(config)(params, jax.random.PRNGKey(0), bad)
+
+
+@pytest.mark.parametrize("method", ["ancestral", "ddim"])
+def test_sample_fn_with_a_learned_variance_on_a_respaced_chain(tiny_model, method):
+    """sample_fn of a learned-Σ, v-prediction model over 5 respaced steps is sample_loop over
+    the respaced schedule (Σ from its β's), sample for sample."""
+    from conftest import randomize
+
+    config = tiny_model[0].copy_and_resolve_references()
+    config.diffusion.update(mean_type="v", var_type="learned_range", loss_type="hybrid")
+    config.sampling.update(num_steps=5, method=method, eta=0.0, batch_size=4)
+    model = unet.UNet(config_lib.unet_config(config))
+    x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
+    params = randomize(jax.jit(model.init)(jax.random.key(0), x, t)["params"], seed=2)
+    assert params["conv_out"]["kernel"].shape[-1] == 2  # mean and Σ_θ outputs
+    got = sampling.make_sample_fn(config)(params, jax.random.PRNGKey(3), 4, output="float")
+    model_fn = lambda x, t: model.apply({"params": params}, x, t)
+    short, short_model = sampling.respaced(config_lib.make_schedule(config), model_fn, 5)
+    keys = sampling.example_keys(jax.random.PRNGKey(3), 4)
+    x_T = sampling.initial_noise(keys, (8, 8, 1), 5)
+    spec = config_lib.diffusion_spec(config)
+    eta = 0.0 if method == "ddim" else None
+    want = sampling.sample_loop(short, spec, short_model, x_T, keys, eta=eta)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

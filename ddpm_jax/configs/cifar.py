@@ -43,9 +43,10 @@ def get_config():
     config.diffusion.beta_start = 1e-4
     config.diffusion.beta_end = 0.02
     config.diffusion.num_timesteps = 1000
-    config.diffusion.mean_type = "eps"
-    config.diffusion.var_type = "fixedlarge"
-    config.diffusion.loss_type = "mse"
+    config.diffusion.mean_type = "eps"  # or "x0", "xprev", "v" (Salimans & Ho 2022)
+    config.diffusion.var_type = "fixedlarge"  # or "fixedsmall", "learned_range" (Nichol & Dhariwal)
+    config.diffusion.loss_type = "mse"  # or "l1", "kl" (the bound), "hybrid" (learned_range)
+    config.diffusion.hybrid_lambda = 0.001  # λ of the hybrid loss L_simple + λ L_vlb
 
     config.training = ml_collections.ConfigDict()
     config.training.batch_size = 128  # global, over all devices and hosts
@@ -55,6 +56,7 @@ def get_config():
     config.training.grad_clip = 1.0
     config.training.ema_decay = 0.9999
     config.training.ema_warmup = False  # True: decay min(ema_decay, (1 + n) / (10 + n)) at update n
+    config.training.timestep_sampler = "uniform"  # or "importance" (Nichol & Dhariwal §3.3)
     config.training.log_every = 100
     config.training.checkpoint_every = 10_000
     config.training.keep_checkpoints = 3  # the last k ...
