@@ -86,6 +86,14 @@ def test_record_holds_the_settings_and_restore_verifies(tmp_path, fresh):
         (lambda c: c.model.update(ch=64), "model.ch=32 (this config: 64)"),
         (lambda c: c.diffusion.update(num_timesteps=30), "diffusion.num_timesteps=20"),
         (lambda c: c.data.update(image_size=16), "data.image_size=8 (this config: 16)"),
+        (
+            lambda c: c.training.update(timestep_sampler="importance"),
+            "training.timestep_sampler='uniform' (this config: 'importance')",
+        ),
+        (
+            lambda c: c.diffusion.update(var_type="learned_range", loss_type="hybrid"),
+            "diffusion.var_type='fixedlarge' (this config: 'learned_range')",
+        ),
     ],
 )
 def test_other_settings_fail_at_once_listing_them(tmp_path, two_steps, change, listed):
