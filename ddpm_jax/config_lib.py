@@ -133,6 +133,12 @@ def check_sampling(config):
         raise UserError(f"config.sampling.num_steps must be in [0, T={T}], got {s.num_steps}")
     if not 0.0 <= s.eta <= 1.0:
         raise UserError(f"config.sampling.eta must be in [0, 1], got {s.eta}")
+    w = s.get("guidance", 0.0)
+    if not (math.isfinite(w) and w >= 0) or (w and not config.model.get("num_classes", 0)):
+        raise UserError(
+            f"config.sampling.guidance must be >= 0, and 0 for an unconditional model "
+            f"(config.model.num_classes = 0); got {w}"
+        )
 
 
 def check_batch(name, batch_size, num_devices, num_processes=1):
@@ -172,6 +178,12 @@ def check_training(config):
         raise UserError(f"config.training.ema_decay must be in [0, 1), got {t.ema_decay}")
     if not (t.learning_rate > 0 and math.isfinite(t.learning_rate)):  # NaN fails too
         raise UserError(f"config.training.learning_rate must be > 0, got {t.learning_rate}")
+    p, classes = t.get("label_dropout", 0.0), config.model.get("num_classes", 0)
+    if not 0.0 <= p < 1.0 or (p and not classes):
+        raise UserError(
+            f"config.training.label_dropout must be in [0, 1), and 0 for an unconditional "
+            f"model (config.model.num_classes = 0); got {p} with num_classes {classes}"
+        )
     if not t.grad_clip > 0 or t.warmup_steps < 0:
         raise UserError("config.training: grad_clip must be > 0 and warmup_steps >= 0")
     at_least = dict(num_steps=1, log_every=1, checkpoint_every=1, keep_checkpoints=1)

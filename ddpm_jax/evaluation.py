@@ -16,30 +16,31 @@ from ddpm_jax import config_lib, diffusion, input_pipeline, sampling, sharding
 # ---- Variational bound over a split ------------------------------------------------------
 
 
-def bpd_step(params, x0, rng, *, config, model, sched):
+def bpd_step(params, x0, rng, labels=None, *, config, model, sched):
     """diffusion.bpd_loop for one batch with the network of config's spec (x̂_0 clipped, as
-    the authors)."""
+    the authors); a class model's bound is that given each example's label."""
     spec = dataclasses.replace(config_lib.diffusion_spec(config), clip_x0=True)
-    model_fn = lambda x, t: model.apply({"params": params}, x, t)
+    model_fn = lambda x, t: model.apply({"params": params}, x, t, labels)
     return diffusion.bpd_loop(sched, spec, model_fn, x0, rng)
 
 
 def jit_bpd_step(config, model, sched, mesh):
-    """(params, x0, index, rng) -> per-example arrays, one jitted program: example i's
-    noise comes from fold_in(rng, index_i)."""
+    """(params, x0, index, rng[, labels]) -> per-example arrays, one jitted program: example
+    i's noise comes from fold_in(rng, index_i)."""
 
-    def fn(params, x0, index, rng):
+    def fn(params, x0, index, rng, labels=None):
         keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(index)
-        return bpd_step(params, x0, keys, config=config, model=model, sched=sched)
+        return bpd_step(params, x0, keys, labels, config=config, model=model, sched=sched)
 
     batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    return jax.jit(fn, in_shardings=(rep, batch, batch, rep), out_shardings=batch)
+    return jax.jit(fn, in_shardings=(rep, batch, batch, rep, batch), out_shardings=batch)
 
 
 def map_split(step, config, batch_size, mesh, split=None, max_batches=None, progress=False):
-    """step(x0, index) on every batch of `split` (default config.data.eval_split): x0 is the
-    global batch (batch_size images in [-1, 1]) sharded over the mesh, index each row's
-    position in the split, and step returns per-example arrays. Returns them for every
+    """step(x0, index[, labels]) on every batch of `split` (default config.data.eval_split):
+    x0 is the global batch (batch_size images in [-1, 1]) sharded over the mesh, index each
+    row's position in the split, labels (a class model's) theirs, and step returns
+    per-example arrays. Returns them for every
     example in the order of the split, padding dropped, gathered to every host once, at
     the end."""
     per_process = sharding.per_process_batch_size(batch_size)
@@ -51,9 +52,10 @@ def map_split(step, config, batch_size, mesh, split=None, max_batches=None, prog
     )
     bar = sampling.Progress(total, progress, "batches", unit="batch")
     outs, masks, indices = [], [], []
-    for x0, mask, index in ds.take(total).as_numpy_iterator():
-        x0, index, mask = sharding.global_batch((x0, index.astype(np.int32), mask), mesh)
-        outs.append(step(x0, index))
+    for x0, mask, index, *labels in ds.take(total).as_numpy_iterator():
+        batch = sharding.global_batch((x0, index.astype(np.int32), mask, *labels), mesh)
+        x0, index, mask, *labels = batch
+        outs.append(step(x0, index, *labels))
         masks.append(mask)
         indices.append(index)
         if len(outs) > 1:  # one batch stays in flight; the bar counts finished ones
@@ -81,7 +83,7 @@ def evaluate_bpd(
     fn = step_fn or jit_bpd_step(config, model, sched, mesh)
     params = jax.device_put(params, sharding.replicated(mesh))
     rng = jax.random.PRNGKey(seed)
-    step = lambda x0, index: fn(params, x0, index, rng)
+    step = lambda x0, index, *labels: fn(params, x0, index, rng, *labels)
     return map_split(step, config, batch_size, mesh, max_batches=max_batches, progress=progress)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import scipy.linalg
 from jax.experimental import multihost_utils
 
-from ddpm_jax import evaluation, fs, inception, sampling, sharding
+from ddpm_jax import evaluation, fs, guidance, inception, sampling, sharding
 from ddpm_jax.errors import UserError
 
 # ---- The formulas ------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def dataset_statistics(config, network, split, stats_dir, batch_size, devices=No
     mesh = sharding.make_mesh(devices)
     act = make_activations_fn(params, mesh)
     feats = evaluation.map_split(
-        lambda x, i: act(x)["pool3"], config, batch_size, mesh, split=split, progress=progress
+        lambda x, i, *_: act(x)["pool3"], config, batch_size, mesh, split=split, progress=progress
     )
     mu, sigma = feature_statistics(feats)
     if jax.process_index() == 0:
@@ -163,14 +163,16 @@ def dataset_statistics(config, network, split, stats_dir, batch_size, devices=No
 
 def make_sample_activations(config, network, devices=None, progress=False):
     """fn(params, rng, num_samples) -> activations of samples 0 .. num_samples-1 of `rng`
-    (as sampling.make_sample_fn draws them), computed chunk by chunk on the devices so that
-    only activations are kept. Build it once: its sampler and network compile once."""
+    (as sampling.make_sample_fn draws them; a class model's cycle through its classes, at
+    config.sampling.guidance), computed chunk by chunk on the devices so that only
+    activations are kept. Build it once: its sampler and network compile once."""
     mesh = sharding.make_mesh(devices)
     act = make_activations_fn(network[0], mesh)
     sample_fn = sampling.make_sample_fn(config, devices, progress)
 
     def fn(params, rng, num_samples):
-        chunks = sample_fn.chunks(params, rng, num_samples)
+        labels = guidance.balanced_labels(config, num_samples)
+        chunks = sample_fn.chunks(params, rng, num_samples, labels)
         outs = [jax.block_until_ready(act(chunk)) for chunk in chunks]
         outs = multihost_utils.process_allgather(outs, tiled=True)  # once, at the end
         return {k: np.concatenate([np.asarray(o[k]) for o in outs])[:num_samples] for k in outs[0]}

@@ -1,4 +1,5 @@
-"""TFDS -> tf.data -> host NumPy batches of images in [-1, 1].
+"""TFDS -> tf.data -> host NumPy batches of images in [-1, 1] (and their labels, for a
+class-conditional model: config.model.num_classes > 0).
 
 Each process reads its own disjoint part of the split (`tfds.even_splits`). The order is a
 pure function of (seed, process, epoch): epoch e is the shard shuffled with seed
@@ -50,10 +51,45 @@ def _process_shard(builder, split, process_index, process_count):
     return ds.shard(process_count, process_index).take(per_process), False
 
 
+def conditional(config):
+    """Whether the model takes class labels (config.model.num_classes > 0)."""
+    return config.model.get("num_classes", 0) > 0
+
+
+def _check_labels(config, builder):
+    """A class model needs a label feature with at most config.model.num_classes classes."""
+    features = builder.info.features
+    feature = features["label"] if features and "label" in features.keys() else None
+    name, want = config.data.dataset, config.model.num_classes
+    if not isinstance(feature, tfds.features.ClassLabel):
+        raise UserError(
+            f"{name!r} has no class label feature, which config.model.num_classes={want} "
+            "needs; use a labelled dataset (an image folder takes its subfolders as "
+            "classes), or set --config.model.num_classes=0"
+        )
+    if feature.num_classes > want:
+        raise UserError(
+            f"{name!r} has {feature.num_classes} classes; set "
+            f"--config.model.num_classes={feature.num_classes} (it is {want})"
+        )
+
+
+def _example(ex, with_labels):
+    return (ex["image"], tf.cast(ex["label"], tf.int32)) if with_labels else ex["image"]
+
+
+def image_of(example):
+    """The image of a dataset element: itself, or the first of (image, label)."""
+    return example[0] if isinstance(example, tuple) else example
+
+
 def load_split(config, split, process_index=0, process_count=1, count=True, with_index=False):
-    """(tf.data.Dataset of uint8 HWC images, its number of examples) for this process.
-    with_index: elements are (index of the example in the whole split, image)."""
+    """(tf.data.Dataset of uint8 HWC images, or (image, int32 label) pairs for a class
+    model, and its number of examples) for this process. with_index: elements are (index
+    of the example in the whole split, example)."""
     builder = _builder(config)
+    if conditional(config):
+        _check_labels(config, builder)
     try:
         ds, contiguous = _process_shard(builder, split, process_index, process_count)
     except (AssertionError, FileNotFoundError, tf.errors.NotFoundError) as e:
@@ -64,8 +100,9 @@ def load_split(config, split, process_index=0, process_count=1, count=True, with
                 f"config.data: {config.data.dataset!r} cannot give split {split!r}: {e}"
             ) from e
         raise UserError(f"{_not_prepared_message(config, split)} ({e})") from e
-    ds = ds.map(lambda ex: ex["image"], num_parallel_calls=tf.data.AUTOTUNE)
-    channels = ds.element_spec.shape[-1]
+    with_labels = conditional(config)
+    ds = ds.map(lambda ex: _example(ex, with_labels), num_parallel_calls=tf.data.AUTOTUNE)
+    channels = image_of(ds.element_spec).shape[-1]
     if channels is not None and channels != config.data.num_channels:
         raise UserError(
             f"{config.data.dataset!r} images have {channels} channels; set "
@@ -82,7 +119,7 @@ def load_split(config, split, process_index=0, process_count=1, count=True, with
         )
     if with_index:  # equal shards: contiguous blocks, or every process_count-th example
         start, stride = (process_index * num, 1) if contiguous else (process_index, process_count)
-        ds = ds.enumerate().map(lambda i, image: (start + stride * i, image))
+        ds = ds.enumerate().map(lambda i, example: (start + stride * i, example))
     return ds, num
 
 
@@ -109,12 +146,12 @@ def preprocess(image, image_size, num_channels):
 
 
 def _epoch(ds, num, epoch, seed, buffer_size):
-    """One pass over the shard in the order of (seed, epoch): elements (epoch, index, image)."""
+    """One pass over the shard in the order of (seed, epoch): elements (epoch, index, example)."""
     epoch_seed = tf.constant(seed, tf.int64) * 1_000_003 + epoch
     ds = ds.enumerate().shuffle(
         min(buffer_size, num), seed=epoch_seed, reshuffle_each_iteration=False
     )
-    return ds.map(lambda i, image: (epoch_seed, i, image))
+    return ds.map(lambda i, example: (epoch_seed, i, example))
 
 
 def _flip(epoch_seed, index, image):
@@ -126,17 +163,20 @@ def _flip(epoch_seed, index, image):
 
 def train_dataset(config, batch_size, seed, start_example=0, process_index=0, process_count=1):
     """Endless batches (B, H, W, C) float32 in [-1, 1] of this process's shard of the
-    training split, starting at `start_example` of the deterministic stream."""
+    training split, starting at `start_example` of the deterministic stream; for a class
+    model (images, int32 labels (B,))."""
     ds, num = load_split(config, config.data.train_split, process_index, process_count)
     start_epoch, offset = divmod(int(start_example), num)
     seed = seed * 7919 + process_index  # each process shuffles its own shard differently
     epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
     ds = epochs.flat_map(lambda e: _epoch(ds, num, e, seed, config.data.shuffle_buffer))
 
-    def prepare(epoch_seed, index, image):
+    def prepare(epoch_seed, index, example):
+        image = image_of(example)
         if config.data.random_flip:
             image = _flip(epoch_seed, index, image)
-        return preprocess(image, config.data.image_size, config.data.num_channels)
+        image = preprocess(image, config.data.image_size, config.data.num_channels)
+        return (image, example[1]) if isinstance(example, tuple) else image
 
     ds = ds.skip(offset).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size, drop_remainder=True).prefetch(2)
@@ -150,14 +190,21 @@ def train_iterator(config, batch_size, seed, start_example=0, process_index=0, p
 
 def eval_dataset(config, batch_size, process_index=0, process_count=1, split=None):
     """One ordered pass over this process's shard of `split` (default config.data.eval_split),
-    no flips, as batches (images, mask, index in the split). The last batch is padded with
-    copies of the first image, the 0/1 mask marking real ones."""
+    no flips, as batches (images, mask, index in the split), and for a class model their
+    labels as a fourth entry. The last batch is padded with copies of the first example,
+    the 0/1 mask marking real ones."""
     split = config.data.eval_split if split is None else split
     ds, num = load_split(config, split, process_index, process_count, with_index=True)
     size, channels = config.data.image_size, config.data.num_channels
-    ds = ds.map(lambda i, image: (preprocess(image, size, channels), tf.constant(1.0), i))
+
+    def prepare(i, example):
+        image = preprocess(image_of(example), size, channels)
+        label = (example[1],) if isinstance(example, tuple) else ()
+        return (image, tf.constant(1.0), i, *label)
+
+    ds = ds.map(prepare)
     pad = (-num) % batch_size
     if pad:
-        first = ds.take(1).map(lambda image, _, i: (image, tf.constant(0.0), i)).repeat(pad)
-        ds = ds.concatenate(first)
+        unmask = lambda image, _, *rest: (image, tf.constant(0.0), *rest)  # noqa: E731
+        ds = ds.concatenate(ds.take(1).map(unmask).repeat(pad))
     return ds.batch(batch_size).prefetch(2), num

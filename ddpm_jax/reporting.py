@@ -8,7 +8,7 @@ import jax
 import tqdm
 from absl import logging
 
-from ddpm_jax import events, fs, sampling
+from ddpm_jax import events, fs, guidance, sampling
 
 
 class Reporter:
@@ -62,11 +62,13 @@ class Reporter:
 
 def write_samples(trainer, state, reporter, sample_fn):
     """config.training.num_sample_images EMA samples as workdir/samples/step_<N>.png
-    (N zero-padded to 8 digits) and a TensorBoard image."""
-    config = trainer.config
+    (N zero-padded to 8 digits) and a TensorBoard image; a class model's in columns of its
+    classes 0 .. K-1, at config.sampling.guidance."""
+    config, n = trainer.config, trainer.config.training.num_sample_images
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), int(state.step))
-    images = sample_fn(state.ema_params, rng, config.training.num_sample_images)
-    grid = sampling.image_grid(images)
+    labels = guidance.balanced_labels(config, n)
+    images = sample_fn(state.ema_params, rng, n, labels=labels)
+    grid = sampling.image_grid(images, ncols=None if labels is None else min(n, len(set(labels))))
     if jax.process_index() == 0:
         out = trainer.workdir / "samples"
         out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,9 @@
 
 writes OUT.png (a grid) and OUT.npz (uint8 NHWC array 'images'); OUT may be gs://...
 --params DIR reads parameters written by `python -m ddpm_jax.convert` instead of a
-training workdir.
+training workdir. A class model (config.model.num_classes > 0) takes --labels 0,1,2:
+--num_samples samples of each label, one row per label in the grid, with classifier-free
+guidance --guidance w (default config.sampling.guidance); the npz also holds 'labels'.
 """
 
 from ddpm_jax import cli
@@ -12,6 +14,7 @@ from ddpm_jax import cli
 cli.quiet_tensorflow()  # before anything imports TensorFlow
 
 import jax
+import numpy as np
 from absl import app, flags
 
 from ddpm_jax import checkpointing, fs, sampling
@@ -23,7 +26,9 @@ def define_flags():
     cli.define_common_flags()
     flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint is used).")
     flags.DEFINE_string("params", None, "Directory of converted parameters (instead of --workdir).")
-    flags.DEFINE_integer("num_samples", 64, "Number of samples.", lower_bound=1)
+    flags.DEFINE_integer("num_samples", 64, "Number of samples (of each label).", lower_bound=1)
+    flags.DEFINE_list("labels", None, "Class labels of a class model, e.g. 0,1,2: a row each.")
+    flags.DEFINE_float("guidance", None, "Guidance weight w (default config.sampling.guidance).")
     flags.DEFINE_string("out", None, "Output path without extension: OUT.png and OUT.npz.")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.mark_flags_as_required(["config", "out"])
@@ -37,17 +42,33 @@ def load_params():
     return checkpointing.restore_converted(FLAGS.params)
 
 
+def parse_labels(values):
+    """--labels as an int array, or None."""
+    if values is None:
+        return None
+    try:
+        return np.asarray([int(v) for v in values], np.int32)
+    except ValueError:
+        raise app.UsageError(f"--labels must be integers, e.g. 0,1,2; got {values}") from None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.setup(FLAGS)
     out = fs.as_path(FLAGS.out)
+    labels = parse_labels(FLAGS.labels)
+    num = FLAGS.num_samples * (1 if labels is None else len(labels))
+    labels = None if labels is None else np.repeat(labels, FLAGS.num_samples)
     sample_fn = sampling.make_sample_fn(FLAGS.config, progress=True)
-    images = sample_fn(load_params(), jax.random.PRNGKey(FLAGS.seed), FLAGS.num_samples)
+    rng = jax.random.PRNGKey(FLAGS.seed)
+    images = sample_fn(load_params(), rng, num, labels=labels, guidance=FLAGS.guidance)
     if jax.process_index() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fs.save_npz(out.with_suffix(".npz"), compress=True, images=images)
-        fs.save_png(out.with_suffix(".png"), sampling.image_grid(images))
+        extra = {} if labels is None else {"labels": labels}
+        fs.save_npz(out.with_suffix(".npz"), compress=True, images=images, **extra)
+        ncols = None if labels is None else FLAGS.num_samples
+        fs.save_png(out.with_suffix(".png"), sampling.image_grid(images, ncols))
         print(f"wrote {len(images)} samples to {out.with_suffix('.png')} and .npz")
 
 

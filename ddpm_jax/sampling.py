@@ -14,7 +14,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from ddpm_jax import config_lib, diffusion, schedules, sharding, unet
+from ddpm_jax import config_lib, diffusion, guidance, schedules, sharding, unet
 from ddpm_jax.checkpointing import restore_params  # noqa: F401 (the Colab needs both)
 from ddpm_jax.errors import UserError
 
@@ -149,31 +149,39 @@ def sample_init(rng, offset, *, config, num_samples):
     return initial_noise(keys, shape, chain_length(config))
 
 
-def sample_segment(params, rng, offset, x, t_top, *, config, model, sched, length):
+def sample_segment(
+    params, rng, offset, x, t_top, labels=None, w=0.0, *, config, model, sched, length
+):  # fmt: skip
     """`length` steps of p_θ from chain step t_top down, for the samples of sample_init:
     config.sampling's chain (num_steps: 0 for all T steps, fewer respace it), method
-    ('ancestral' = Algorithm 2, or 'ddim' with eta) and clip_x0."""
-    s = config.sampling
-    model_fn = lambda x_t, t: model.apply({"params": params}, x_t, t)
+    ('ancestral' = Algorithm 2, or 'ddim' with eta) and clip_x0. A class model takes one
+    label per sample (∅ for none) and the guidance weight w (guidance.py)."""
+    s, spec = config.sampling, config_lib.diffusion_spec(config)
+    apply = lambda x_t, t, y: model.apply({"params": params}, x_t, t, y)
+    model_fn = guidance.model_fn(apply, spec, labels, w, guidance.num_classes(config))
     if chain_length(config) != sched.num_timesteps:
         sched, model_fn = respaced(sched, model_fn, s.num_steps)
     keys = example_keys(rng, x.shape[0], offset)
     eta = s.eta if s.method == "ddim" else None
-    step = reverse_step_fn(sched, config_lib.diffusion_spec(config), model_fn, keys, eta)
+    step = reverse_step_fn(sched, spec, model_fn, keys, eta)
     return reverse_steps(step, x, t_top, length)
 
 
-def sample(params, rng, offset=0, *, config, model, sched, num_samples, batch_sharding=None):
+def sample(
+    params, rng, offset=0, labels=None, w=0.0, *, config, model, sched, num_samples,
+    batch_sharding=None,
+):  # fmt: skip
     """num_samples images in [-1, 1] from p_θ, the whole chain in one program: samples
     offset .. offset + num_samples - 1 of the stream of `rng`, sample i depending only on
-    (params, rng, i)."""
+    (params, rng, i) and, for a class model, its label and w."""
     x_T = sample_init(rng, offset, config=config, num_samples=num_samples)
     if batch_sharding is not None:
         x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
     n = chain_length(config)
     return sample_segment(
-        params, rng, offset, x_T, n - 1, config=config, model=model, sched=sched, length=n
-    )
+        params, rng, offset, x_T, n - 1, labels, w,
+        config=config, model=model, sched=sched, length=n,
+    )  # fmt: skip
 
 
 class Progress:
@@ -209,14 +217,19 @@ def check_num_samples(num_samples):
 
 
 def make_sample_fn(config, devices=None, progress=False, desc="sampling"):
-    """sample_fn(params, rng, num_samples, output="uint8") -> NumPy NHWC images.
+    """sample_fn(params, rng, num_samples, output="uint8", labels=None, guidance=None) ->
+    NumPy NHWC images.
+
+    A class model takes labels (num_samples ints, or None for unconditional samples) and
+    the guidance weight w (default config.sampling.guidance); any labels and w share one
+    program.
 
     Samples are drawn in chunks of at most config.sampling.batch_size (a multiple of the
     device count, no larger than num_samples needs), each split over all devices, as
     segments of the chain (sample_segment) so that `progress` can show a bar over reverse
     steps; each chunk size compiles once, the segments share one program. Sample i depends
-    only on (params, rng, i): the result is the same for any chunk size or number of
-    devices. output="float" gives [-1, 1] float32 instead.
+    only on (params, rng, i) (and its label and w): the result is the same for any chunk
+    size or number of devices. output="float" gives [-1, 1] float32 instead.
     """
     config_lib.check_diffusion(config)
     config_lib.check_sampling(config)
@@ -241,28 +254,40 @@ def make_sample_fn(config, devices=None, progress=False, desc="sampling"):
     )
     most = -(-config.sampling.batch_size // mesh.size) * mesh.size
 
-    def chunks(params, rng, num_samples):
+    def chunk_labels(labels, start, size):
+        """This chunk's labels as a sharded array (∅ past the end), or None."""
+        if labels is None:
+            return None
+        part = np.full((size,), guidance.num_classes(config), np.int32)
+        part[: len(labels[start : start + size])] = labels[start : start + size]
+        return jax.make_array_from_callback((size,), batch_sh, lambda index: part[index])
+
+    def chunks(params, rng, num_samples, labels=None, guidance_w=None):
         """The chunks as sharded device arrays in [-1, 1], the last one possibly longer
         than needed (samples past num_samples are extra draws of the same stream)."""
         check_num_samples(num_samples)
+        labels, w = guidance.check(config, labels, guidance_w, num_samples)
         size = min(most, -(-num_samples // mesh.size) * mesh.size)
         params = jax.device_put(params, sharding.replicated(mesh))
+        w = jax.device_put(jnp.float32(w), sharding.replicated(mesh))
         starts = range(0, num_samples, size)
         bar = Progress(len(starts) * num_steps, progress, desc)
         for start in starts:
             offset = jnp.asarray(start, jnp.int32)
-            x = init(rng, offset, num_samples=size)
+            x, y = init(rng, offset, num_samples=size), chunk_labels(labels, start, size)
             for t_top in range(num_steps - 1, -1, -length):
-                x = segment(params, rng, offset, x, jnp.asarray(t_top, jnp.int32))
+                x = segment(params, rng, offset, x, jnp.asarray(t_top, jnp.int32), y, w)
                 bar.update(length, x)
             yield x
         bar.close()
 
-    def sample_fn(params, rng, num_samples, output="uint8"):
+    def sample_fn(params, rng, num_samples, output="uint8", labels=None, guidance=None):
         if output not in ("uint8", "float"):
             raise UserError(f"output must be 'uint8' or 'float', got {output!r}")
         # Kept on the devices; gathered to every host once, at the end.
-        chunks_ = [c.block_until_ready() for c in chunks(params, rng, num_samples)]
+        chunks_ = [
+            c.block_until_ready() for c in chunks(params, rng, num_samples, labels, guidance)
+        ]
         gathered = multihost_utils.process_allgather(chunks_, tiled=True)
         images = np.concatenate([np.asarray(c) for c in gathered])[:num_samples]
         return to_uint8(images) if output == "uint8" else images

@@ -91,16 +91,29 @@ def init_state(config, model, tx):
     )
 
 
-def train_step(state, x0, *, config, model, sched, tx):
-    """One update on a batch of images x0 in [-1, 1] (Algorithm 1). Returns (state, metrics)."""
+def drop_labels(rng, y, p, num_classes):
+    """Each label replaced by "no label" (num_classes) with probability p (classifier-free
+    guidance's training, Ho & Salimans 2022)."""
+    return jnp.where(jax.random.bernoulli(rng, p, y.shape), num_classes, y)
+
+
+def train_step(state, batch, *, config, model, sched, tx):
+    """One update on a batch of images x0 in [-1, 1], or (x0, labels) for a class model
+    (Algorithm 1). Returns (state, metrics)."""
     spec = config_lib.diffusion_spec(config)
-    t_rng, eps_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)
+    x0, y = batch if isinstance(batch, tuple) else (batch, None)
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    t_rng, eps_rng, dropout_rng = jax.random.split(step_rng, 3)
+    if y is not None:
+        p, classes = config.training.label_dropout, config.model.num_classes
+        y = drop_labels(jax.random.fold_in(step_rng, 3), y, p, classes)
     t, weights = timesteps.sample(t_rng, state.history, x0.shape[0], sched.num_timesteps)  # l. 3
     eps = jax.random.normal(eps_rng, x0.shape, x0.dtype)  # line 4
     x_t = diffusion.q_sample(sched, x0, t, eps)
 
     def loss_fn(params):  # line 5: the loss, averaged over the batch
-        out = model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": dropout_rng})
+        rngs = {"dropout": dropout_rng}
+        out = model.apply({"params": params}, x_t, t, y, train=True, rngs=rngs)
         losses = diffusion.training_losses(sched, spec, out, x0, x_t, t, eps)
         weighted = losses if weights is None else weights * losses
         return jnp.mean(weighted), losses
@@ -115,6 +128,8 @@ def train_step(state, x0, *, config, model, sched, tx):
         grad_norm=optax.tree.norm(grads),
         lr=learning_rate_schedule(config)(state.step),
     )
+    if y is not None:
+        metrics["labels_dropped"] = jnp.sum(y == config.model.num_classes)
     history = None if state.history is None else timesteps.update(state.history, t, losses)
     new_state = state.replace(
         step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, history=history

@@ -33,6 +33,7 @@ class UNetConfig:
     out_ch: int = 3
     dtype: str = "float32"  # computation dtype; parameters are always float32
     precision: str = "default"  # of convolutions and matmuls: "default" or "highest"
+    num_classes: int = 0  # 0: unconditional (the paper); > 0: a class embedding
 
     def __post_init__(self):
         if self.ch < 32 or self.ch % 32:
@@ -49,6 +50,10 @@ class UNetConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int):
+            raise ValueError(f"num_classes must be an integer >= 0, got {self.num_classes!r}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {self.num_classes}")
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}"
@@ -248,16 +253,19 @@ class Middle(_Layers):
 
 
 class UNet(nn.Module):
-    """ε_θ(x_t, t): NHWC images and int timesteps (B,) -> output of shape (B, H, W, out_ch).
+    """ε_θ(x_t, t[, y]): NHWC images, int timesteps (B,) and, with num_classes > 0, int
+    class labels y (B,) -> output of shape (B, H, W, out_ch).
 
-    `train=True` enables dropout and needs a 'dropout' rng. The output is float32 whatever
-    the computation dtype.
+    A class model adds a learned embedding of y to the timestep embedding; its row
+    num_classes is "no label", used for y = None (or y == num_classes). `train=True`
+    enables dropout and needs a 'dropout' rng. The output is float32 whatever the
+    computation dtype.
     """
 
     config: UNetConfig = UNetConfig()
 
     @nn.compact
-    def __call__(self, x, t, train=False):
+    def __call__(self, x, t, y=None, train=False):
         cfg = self.config
         dtype, precision = DTYPES[cfg.dtype], PRECISIONS[cfg.precision]
         if x.ndim != 4 or x.shape[1] != x.shape[2] or t.shape != x.shape[:1]:
@@ -266,6 +274,12 @@ class UNet(nn.Module):
             )
         cfg.check_image_size(x.shape[1])
         temb = TimestepEmbed(dtype, precision, cfg.ch, name="temb")(t)
+        if cfg.num_classes:
+            y = jnp.full(t.shape, cfg.num_classes, jnp.int32) if y is None else y
+            embed = nn.Embed(cfg.num_classes + 1, temb.shape[-1], name="label_emb")
+            temb = temb + embed(y).astype(dtype)
+        elif y is not None:
+            raise ValueError("labels given to an unconditional model (num_classes = 0)")
         hs = [conv(cfg.ch, "conv_in", dtype, precision)(x.astype(dtype))]
         for level in range(len(cfg.ch_mult)):
             down = DownLevel(dtype, precision, cfg, level, name=f"down_{level}")

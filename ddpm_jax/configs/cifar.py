@@ -37,6 +37,7 @@ def get_config():
     # Convolutions and matmuls: "default", the platform's fast path (TF32 on NVIDIA GPUs,
     # bf16 passes on TPUs, exact on CPUs), or "highest", true float32 everywhere.
     config.model.precision = "default"
+    config.model.num_classes = 0  # 0: unconditional; K: class-conditional on K classes
 
     config.diffusion = ml_collections.ConfigDict()
     config.diffusion.beta_schedule = "linear"
@@ -57,6 +58,7 @@ def get_config():
     config.training.ema_decay = 0.9999
     config.training.ema_warmup = False  # True: decay min(ema_decay, (1 + n) / (10 + n)) at update n
     config.training.timestep_sampler = "uniform"  # or "importance" (Nichol & Dhariwal §3.3)
+    config.training.label_dropout = 0.0  # class models: P(label -> "no label"), for guidance
     config.training.log_every = 100
     config.training.checkpoint_every = 10_000
     config.training.keep_checkpoints = 3  # the last k ...
@@ -70,6 +72,7 @@ def get_config():
     config.sampling.method = "ancestral"  # Algorithm 2; or "ddim" (Song et al. 2021)
     config.sampling.eta = 0.0  # DDIM only: 0 deterministic, 1 ancestral-like
     config.sampling.num_steps = 0  # 0: all T steps; fewer: an evenly respaced chain
+    config.sampling.guidance = 0.0  # class models: classifier-free guidance weight w
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 128  # global: bound and dataset-feature batches
