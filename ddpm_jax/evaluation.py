@@ -83,7 +83,7 @@ def evaluate_bpd(
     fn = step_fn or jit_bpd_step(config, model, sched, mesh)
     params = jax.device_put(params, sharding.replicated(mesh))
     rng = jax.random.PRNGKey(seed)
-    step = lambda x0, index, *labels: fn(params, x0, index, rng, *labels)
+    step = lambda x0, index, labels=None: fn(params, x0, index, rng, labels)
     return map_split(step, config, batch_size, mesh, max_batches=max_batches, progress=progress)
 
 

@@ -35,7 +35,9 @@ def test_configs_by_name_and_by_path_are_the_same():
     ]  # fmt: skip
     path = str(ROOT / "configs" / "tiny.py")
     assert config_lib.resolve_config_flag(["--config", path]) == ["--config", path]
-    with pytest.raises(UserError, match="'cifa' is not a packaged config; .* cifar, lsun_bedroom"):
+    with pytest.raises(
+        UserError, match="'cifa' is not a packaged config; .* cifar, cifar_improved, lsun_bedroom"
+    ):
         config_lib.load_config("cifa")
 
 
