@@ -47,10 +47,13 @@ def guided_model_fn(apply, spec, labels, w, classes):
 
 
 def model_fn(apply, spec, labels, w, classes):
-    """The network as model_fn(x_t, t) for sampling: apply(x, t) for an unconditional model,
-    guided (guided_model_fn) for a class model, whose labels must then be an array."""
+    """The network as model_fn(x_t, t) for sampling: apply(x, t) for an unconditional model;
+    for a class model, whose labels must then be an array, one pass on the labels for
+    w = None (no guidance: w = 0 needs no unconditional pass) or guided_model_fn."""
     if not classes:
         return lambda x, t: apply(x, t, None)
+    if w is None:
+        return lambda x, t: apply(x, t, labels)
     return guided_model_fn(apply, spec, labels, w, classes)
 
 

@@ -150,12 +150,13 @@ def sample_init(rng, offset, *, config, num_samples):
 
 
 def sample_segment(
-    params, rng, offset, x, t_top, labels=None, w=0.0, *, config, model, sched, length
+    params, rng, offset, x, t_top, labels=None, w=None, *, config, model, sched, length
 ):  # fmt: skip
     """`length` steps of p_θ from chain step t_top down, for the samples of sample_init:
     config.sampling's chain (num_steps: 0 for all T steps, fewer respace it), method
     ('ancestral' = Algorithm 2, or 'ddim' with eta) and clip_x0. A class model takes one
-    label per sample (∅ for none) and the guidance weight w (guidance.py)."""
+    label per sample (∅ for none) and the guidance weight w (guidance.py; None for none,
+    which costs one network pass per step instead of two)."""
     s, spec = config.sampling, config_lib.diffusion_spec(config)
     apply = lambda x_t, t, y: model.apply({"params": params}, x_t, t, y)
     model_fn = guidance.model_fn(apply, spec, labels, w, guidance.num_classes(config))
@@ -168,7 +169,7 @@ def sample_segment(
 
 
 def sample(
-    params, rng, offset=0, labels=None, w=0.0, *, config, model, sched, num_samples,
+    params, rng, offset=0, labels=None, w=None, *, config, model, sched, num_samples,
     batch_sharding=None,
 ):  # fmt: skip
     """num_samples images in [-1, 1] from p_θ, the whole chain in one program: samples
@@ -221,8 +222,8 @@ def make_sample_fn(config, devices=None, progress=False, desc="sampling"):
     NumPy NHWC images.
 
     A class model takes labels (num_samples ints, or None for unconditional samples) and
-    the guidance weight w (default config.sampling.guidance); any labels and w share one
-    program.
+    the guidance weight w (default config.sampling.guidance). Any labels share one
+    program, and every w > 0 another (two network passes per step); w = 0 runs one pass.
 
     Samples are drawn in chunks of at most config.sampling.batch_size (a multiple of the
     device count, no larger than num_samples needs), each split over all devices, as
@@ -269,7 +270,7 @@ def make_sample_fn(config, devices=None, progress=False, desc="sampling"):
         labels, w = guidance.check(config, labels, guidance_w, num_samples)
         size = min(most, -(-num_samples // mesh.size) * mesh.size)
         params = jax.device_put(params, sharding.replicated(mesh))
-        w = jax.device_put(jnp.float32(w), sharding.replicated(mesh))
+        w = jax.device_put(jnp.float32(w), sharding.replicated(mesh)) if w else None
         starts = range(0, num_samples, size)
         bar = Progress(len(starts) * num_steps, progress, desc)
         for start in starts:

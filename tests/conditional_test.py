@@ -88,9 +88,25 @@ def test_batched_guidance_equals_two_calls_combined(class_model):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * (1 + w))
 
 
+def test_unguided_sampling_runs_one_network_pass_and_guided_two():
+    """w = None (guidance 0) applies the network once per step on the batch as it is; a
+    guided step once on the doubled batch; an unconditional model once with no labels."""
+    calls, spec = [], config_lib.diffusion_spec(config_lib.load_config("tiny"))
+    apply = lambda x, t, y: calls.append((x.shape[0], y)) or x  # noqa: E731
+    x, t, y = jnp.zeros((3, 2, 2, 1)), jnp.zeros((3,), jnp.int32), jnp.array([0, 1, 2])
+    guidance.model_fn(apply, spec, y, None, 10)(x, t)
+    assert len(calls) == 1 and calls[0][0] == 3 and calls[0][1] is y
+    guidance.model_fn(apply, spec, y, 2.0, 10)(x, t)
+    assert len(calls) == 2 and calls[1][0] == 6
+    np.testing.assert_array_equal(calls[1][1], [0, 10, 1, 10, 2, 10])
+    guidance.model_fn(apply, spec, None, None, 0)(x, t)
+    assert calls[2] == (3, None)
+
+
 def test_sample_fn_guidance_labels_devices_and_one_program(class_model):
     """w = 0 is the plain conditional model, labels=None the unconditional pass; 4 devices
-    in chunks of 4 equal 1 device in one chunk; any labels and w share one program."""
+    in chunks of 4 equal 1 device in one chunk; any labels share one program without
+    guidance, and every w > 0 one other."""
     config, model, params = class_model
     config = config.copy_and_resolve_references()
     config.sampling.batch_size = 4
@@ -108,7 +124,9 @@ def test_sample_fn_guidance_labels_devices_and_one_program(class_model):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     guided = on_four(params, rng, 6, output="float", labels=labels, guidance=3.0)
     assert float(np.max(np.abs(guided - got))) > 1e-3
-    assert on_four.segment._cache_size() == 1  # labels, None and every w: one program
+    assert on_four.segment._cache_size() == 2  # labels and None at w = 0; w = 3
+    on_four(params, rng, 6, output="float", labels=labels[::-1], guidance=0.5)
+    assert on_four.segment._cache_size() == 2  # another w and other labels: no new program
     config.sampling.batch_size = 6
     on_one = sampling.make_sample_fn(config, devices=jax.devices()[:1])
     one = on_one(params, rng, 6, output="float", labels=labels, guidance=3.0)
