@@ -19,7 +19,6 @@ from ddpm_jax import (
     fid,
     fs,
     inception,
-    input_pipeline,
     plots,
     sharding,
     unet,
@@ -138,6 +137,8 @@ class PeriodicEvaluator:
             logging.warning("periodic FID is off: set config.eval.inception_path to turn it on")
             self.modes.remove("fid")
         if "nll" in self.modes:
+            from ddpm_jax import input_pipeline  # TensorFlow: only where data is read
+
             input_pipeline.check_dataset(config, config.data.eval_split)
         self.network = self.reference = self.bpd_fn = self.activations_fn = None
         if "nll" in self.modes:  # the jitted functions are built once, for every evaluation

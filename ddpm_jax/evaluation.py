@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ddpm_jax import config_lib, diffusion, input_pipeline, sampling, sharding
+from ddpm_jax import config_lib, diffusion, sampling, sharding
 
 # ---- Variational bound over a split ------------------------------------------------------
 
@@ -43,6 +43,8 @@ def map_split(step, config, batch_size, mesh, split=None, max_batches=None, prog
     per-example arrays. Returns them for every
     example in the order of the split, padding dropped, gathered to every host once, at
     the end."""
+    from ddpm_jax import input_pipeline  # TensorFlow: only where data is read
+
     per_process = sharding.per_process_batch_size(batch_size)
     ds, num = input_pipeline.eval_dataset(
         config, per_process, jax.process_index(), jax.process_count(), split

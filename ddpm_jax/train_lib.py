@@ -24,10 +24,8 @@ from jax.experimental import multihost_utils
 from ddpm_jax import (
     checkpointing,
     config_lib,
-    data,
     diffusion,
     eval_lib,
-    input_pipeline,
     reporting,
     sampling,
     sharding,
@@ -200,6 +198,8 @@ class Trainer:
         self.config = config
         self.devices = devices = jax.devices() if devices is None else devices
         self.model_config = config_lib.check_config(config, len(devices), jax.process_count())
+        from ddpm_jax import data, input_pipeline  # TensorFlow: only where data is read
+
         if prepare_data:
             data.ensure_prepared(config, log=logging.info)
         input_pipeline.check_dataset(config, config.data.train_split)
@@ -232,6 +232,8 @@ class Trainer:
 
     def data(self, start_step):
         """The training stream from example start_step · per-process batch (exact resume)."""
+        from ddpm_jax import input_pipeline
+
         return input_pipeline.train_iterator(
             self.config,
             self.batch_size,

@@ -57,6 +57,39 @@ def test_tensorflow_is_kept_off_gpus_before_a_dataset_opens(monkeypatch):
     assert calls and all(call == ([], "GPU") for call in calls)
 
 
+NO_TENSORFLOW = """
+import importlib.abc, sys
+class Refuse(importlib.abc.MetaPathFinder):  # a machine without TensorFlow
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
+            raise ImportError(f"no {name} here")
+sys.meta_path.insert(0, Refuse())
+import jax, numpy as np
+from ddpm_jax import config_lib, eval_lib, evaluation, fid, sharding, train_lib, unet
+config = config_lib.load_config("tiny")
+model = unet.UNet(config_lib.unet_config(config))
+tx, mesh = train_lib.make_optimizer(config), sharding.make_mesh(jax.devices())
+init = train_lib.jit_init_state(config, model, tx, mesh)
+step = train_lib.jit_train_step(
+    config, model, config_lib.make_schedule(config), tx, mesh, jax.eval_shape(init)
+)
+x0 = np.random.default_rng(0).uniform(-1, 1, (config.training.batch_size, 8, 8, 1))
+state, metrics = step(init(), sharding.global_batch(x0.astype(np.float32), mesh))
+assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+print("trained one step without TensorFlow")
+"""
+
+
+def test_training_and_evaluation_code_needs_no_tensorflow_until_data_is_read():
+    """A GPU box may have no TensorFlow: the train step, evaluation and FID modules import
+    and a train step runs on an array batch; only reading a dataset needs TensorFlow."""
+    run = subprocess.run(
+        [sys.executable, "-c", NO_TENSORFLOW], capture_output=True, text=True, cwd=ROOT
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "trained one step without TensorFlow" in run.stdout
+
+
 def build_wheel(tmp_path):
     """The wheel, built from a copy of the package's sources (the checkout stays clean)."""
     src = tmp_path / "src"
