@@ -6,13 +6,14 @@
 
 Measures, in one run: the machine's 3x3 conv GFLOP/s (128 ch, 32x32, batch 32, the best
 of measurements taken between the model's, as the machine is shared); the forward pass
-at --fwd_batch, whole and as lax.map over chunks of --chunk; the full train step
-(L_simple, grad, Adam) at --train_batch. FLOPs are counted from the architecture (convs,
-dense layers, attention matmuls: 12.44 GFLOP per 32x32 image forward, 3x that for a
-train step). Reports images/s, compile time, XLA's temporary buffer size, and achieved /
-conv-peak GFLOP/s; for the train step also its compile time from JAX's persistent cache
-(a fresh one in a temporary directory), what a relaunch pays. --precision is
-config.model.precision ("default": TF32 on GPUs, "highest": true float32).
+at --fwd_batch, whole and as lax.map over chunks of --chunk; the train step at
+--train_batch, train_lib's own (what train.py runs: L_simple, gradient clipping, Adam,
+the EMA update, the state donated) on the CIFAR10 config. FLOPs are counted from the
+architecture (convs, dense layers, attention matmuls: 12.44 GFLOP per 32x32 image
+forward, 3x that for a train step). Reports images/s, compile time, XLA's temporary
+buffer size, and achieved / conv-peak GFLOP/s; for the train step also its compile time
+from JAX's persistent cache (a fresh one in a temporary directory), what a relaunch
+pays. --precision is config.model.precision ("default": TF32 on GPUs, "highest": true float32).
 """
 
 import argparse
@@ -25,11 +26,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
 from flax import traverse_util
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ddpm_jax import cli, diffusion, schedules, unet  # noqa: E402
+from ddpm_jax import cli, config_lib, sharding, train_lib, unet  # noqa: E402
 
 
 def timed(fn, *args, repeats):
@@ -44,15 +45,6 @@ def timed(fn, *args, repeats):
         jax.block_until_ready(compiled(*args))
         best = min(best, time.perf_counter() - start)
     return compile_s, best, compiled
-
-
-def cached_compile_s(fn, *args):
-    """Seconds to compile fn again once the in-memory caches are cleared: with the
-    persistent cache on, a relaunch's cost."""
-    jax.clear_caches()
-    start = time.perf_counter()
-    jax.jit(fn).lower(*args).compile()
-    return time.perf_counter() - start
 
 
 def layer_resolution(path, image_size, num_levels):
@@ -94,21 +86,45 @@ def conv_peak(repeats, dtype):
     return 2 * 9 * 128 * 128 * 32 * 32 * 32 / seconds / 1e9
 
 
-def make_train_step(model, sched, tx):
-    def loss_fn(params, x0, rng):
-        t_rng, eps_rng, drop_rng = jax.random.split(rng, 3)
-        t = jax.random.randint(t_rng, (x0.shape[0],), 0, sched.num_timesteps)
-        eps = jax.random.normal(eps_rng, x0.shape)
-        x_t = diffusion.q_sample(sched, x0, t, eps)
-        out = model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": drop_rng})
-        return jnp.mean(diffusion.l_simple(out, eps))
+def train_step(args):
+    """(jitted step, its arguments): train_lib's own train step (L_simple, gradient clipping,
+    Adam with warmup, the EMA update; the state donated) for the CIFAR10 config at
+    --train_batch on one device."""
+    config = config_lib.load_config("cifar")
+    config.training.batch_size = args.train_batch
+    config.model.dtype, config.model.precision = args.dtype, args.precision
+    model, tx = unet.UNet(config_lib.unet_config(config)), train_lib.make_optimizer(config)
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    init = train_lib.jit_init_state(config, model, tx, mesh)
+    step = train_lib.jit_train_step(
+        config, model, config_lib.make_schedule(config), tx, mesh, jax.eval_shape(init)
+    )
+    x0 = jax.random.uniform(jax.random.key(3), (args.train_batch, 32, 32, 3), minval=-1)
+    return step, (init(), sharding.global_batch(np.asarray(x0), mesh))
 
-    def train_step(params, opt_state, x0, rng):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x0, rng)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
 
-    return train_step
+def timed_steps(step, state, batch, repeats):
+    """Compile the train step, then (compile s, best step s, compiled): each step takes the
+    state the previous one returned, as in training (its input buffers are donated)."""
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    state = jax.block_until_ready(compiled(state, batch))[0]
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state = jax.block_until_ready(compiled(state, batch))[0]
+        best = min(best, time.perf_counter() - start)
+    return compile_s, best, compiled
+
+
+def cached_step_compile_s(step, state, batch):
+    """Seconds to compile the train step again once the in-memory caches are cleared: with
+    the persistent cache on, a relaunch's cost (tracing and lowering included)."""
+    jax.clear_caches()
+    start = time.perf_counter()
+    step.lower(state, batch).compile()
+    return time.perf_counter() - start
 
 
 def report(name, batch, flops, compile_s, seconds, compiled, peak):
@@ -133,7 +149,7 @@ def main():
     cli.use_compilation_cache(tempfile.mkdtemp(prefix="unet_bench_cache_"))
 
     config = unet.UNetConfig(dtype=args.dtype, precision=args.precision)
-    model, sched = unet.UNet(config), schedules.make_schedule("linear")
+    model = unet.UNet(config)
     x = jax.random.uniform(jax.random.key(0), (args.fwd_batch, 32, 32, 3), minval=-1, maxval=1)
     t = jnp.arange(args.fwd_batch, dtype=jnp.int32)
     params = jax.jit(model.init)(jax.random.key(1), x[:1], t[:1])["params"]
@@ -152,14 +168,9 @@ def main():
         results[name] = timed(fn, params, x, t, repeats=args.repeats)
         peaks.append(conv_peak(args.repeats, unet.DTYPES[args.dtype]))
 
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(2e-4))
-    step = make_train_step(model, sched, tx)
-    x0 = x[: args.train_batch] if args.train_batch <= args.fwd_batch else None
-    if x0 is None:
-        x0 = jax.random.uniform(jax.random.key(3), (args.train_batch, 32, 32, 3), minval=-1)
-    train_args = (params, tx.init(params), x0, jax.random.key(2))
-    results["train"] = timed(step, *train_args, repeats=args.repeats)
-    cached = cached_compile_s(step, *train_args)
+    step, (state, batch) = train_step(args)
+    results["train"] = timed_steps(step, state, batch, args.repeats)
+    cached = cached_step_compile_s(step, state, batch)
     peaks.append(conv_peak(args.repeats, unet.DTYPES[args.dtype]))
     print(f"conv peak (3x3, 128 ch, 32x32, batch 32), measured {len(peaks)} times between the")
     print(f"  others; the best is used: {', '.join(f'{p:.1f}' for p in peaks)} GFLOP/s")

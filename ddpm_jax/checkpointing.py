@@ -121,20 +121,20 @@ def _words(x):
 
 
 @jax.jit
-def _sums(leaves):
-    def two(x):
-        w = _words(x)
-        i = jnp.arange(1, w.size + 1, dtype=jnp.uint32)
-        return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(i * w, dtype=jnp.uint32)])
-
-    return [two(x) for x in leaves]
+def _sums(x):
+    """[Σ w, Σ i·w] mod 2^32 over the uint32 words w_i of one array: one small program per
+    shape and dtype (a train state has few), not one large program over every leaf."""
+    w = _words(x)
+    i = jnp.arange(1, w.size + 1, dtype=jnp.uint32)
+    return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(i * w, dtype=jnp.uint32)])
 
 
 def fingerprint(tree):
     """{leaf path: [Σ w, Σ i·w] mod 2^32 over the leaf's uint32 words w_i}: a changed bit
-    changes the first sum, two swapped words the second. Computed where the arrays are."""
+    changes the first sum, two swapped words the second. Computed where the arrays are,
+    fetched in one transfer."""
     paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(tree)[0], strict=True)
-    sums = [jax.device_get(s.addressable_data(0)) for s in _sums(list(leaves))]
+    sums = jax.device_get([_sums(x).addressable_data(0) for x in leaves])
     return {
         jax.tree_util.keystr(p, simple=True, separator="/"): [int(a), int(b)]
         for p, (a, b) in zip(paths, sums, strict=True)
