@@ -141,7 +141,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fwd_batch", type=int, default=64)
     parser.add_argument("--train_batch", type=int, default=32)
-    parser.add_argument("--chunk", type=int, default=8)
+    parser.add_argument("--chunk", type=int, default=8, help="0: no chunked forward")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=sorted(unet.DTYPES))
     parser.add_argument("--precision", default="default", choices=sorted(unet.PRECISIONS))
@@ -164,7 +164,8 @@ def main():
         lambda x, t: model.apply({"params": params}, x, t), args.chunk, x, t
     )
     results = {}
-    for name, fn in (("forward", fwd), (f"forward/{args.chunk}", chunked)):
+    forwards = (("forward", fwd), (f"forward/{args.chunk}", chunked))
+    for name, fn in forwards[: 2 if args.chunk else 1]:
         results[name] = timed(fn, params, x, t, repeats=args.repeats)
         peaks.append(conv_peak(args.repeats, unet.DTYPES[args.dtype]))
 

@@ -4,9 +4,11 @@ test assets (real MNIST, the FID network files) from environment variables.
 TFDS_DATA_DIR: a TFDS data dir with MNIST prepared (`python -m ddpm_jax.data prepare mnist
 --data_dir DIR`). DDPM_FID_DIR: inception-2015-12-05.pt and the reference outputs. Tests
 that need an absent asset are skipped, saying how to get it; with DDPM_REQUIRE_ASSETS=1
-(CI) every skip is a failure instead.
+(CI) every skip is a failure instead. Likewise on a machine without TensorFlow (a GPU
+box that only trains and samples): what reads a dataset is skipped, the rest runs.
 """
 
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -33,6 +35,22 @@ jax.config.update("jax_default_matmul_precision", "highest")
 REQUIRE_ASSETS = os.environ.get("DDPM_REQUIRE_ASSETS") == "1"
 
 
+def _importable(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
+TENSORFLOW = _importable("tensorflow") and _importable("tensorflow_datasets")
+NO_TENSORFLOW = "needs TensorFlow (it reads a dataset): pip install -r requirements.txt"
+
+
+def _missing_tensorflow(longrepr):
+    """Whether a failure is TensorFlow's absence (on a machine that has none)."""
+    return not TENSORFLOW and "No module named 'tensorflow" in str(longrepr)
+
+
 def mnist_data_dir():
     """$TFDS_DATA_DIR if MNIST is prepared there; otherwise the calling test is skipped."""
     data_dir = os.environ.get("TFDS_DATA_DIR")
@@ -56,9 +74,21 @@ def fid_file(name="inception-2015-12-05.pt"):
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    """Under DDPM_REQUIRE_ASSETS=1 a skipped test counts as failed."""
+def pytest_make_collect_report(collector):
+    """A test module that imports TensorFlow, where there is none: skipped (failed under
+    DDPM_REQUIRE_ASSETS=1)."""
     report = (yield).get_result()
+    if report.failed and not REQUIRE_ASSETS and _missing_tensorflow(report.longrepr):
+        report.outcome, report.longrepr = "skipped", (str(collector.path), 0, NO_TENSORFLOW)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under DDPM_REQUIRE_ASSETS=1 a skipped test counts as failed; without it, a test that
+    fails for want of TensorFlow is skipped."""
+    report = (yield).get_result()
+    if report.failed and not REQUIRE_ASSETS and _missing_tensorflow(report.longrepr):
+        report.outcome, report.longrepr = "skipped", (str(item.path), 0, NO_TENSORFLOW)
     if REQUIRE_ASSETS and report.skipped:
         report.outcome = "failed"
         report.longrepr = f"skipped, but DDPM_REQUIRE_ASSETS=1: {report.longrepr}"
