@@ -17,6 +17,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 from jax.experimental import multihost_utils
@@ -354,27 +355,34 @@ def _end_of_step(run, state, step, last):
         logging.info("step %d: eval %s", step, run.evaluator(state.ema_params, step))
 
 
+def mean_metrics(pending):
+    """Means of the (loss, grad_norm) pairs of the steps since the last log, fetched from
+    the devices in one transfer (the steps themselves never wait for the host)."""
+    values = np.asarray(jax.device_get([v.addressable_data(0) for v in sum(pending, ())]))
+    loss, grad_norm = values.reshape(-1, 2).mean(axis=0, dtype=np.float64)
+    return float(loss), float(grad_norm)
+
+
 def _train(run, state, signals):
     """Steps from state.step to num_steps, or until a stop signal (then saved)."""
     trainer, t = run.trainer, run.trainer.config.training
     start = int(state.step)
-    batches = trainer.data(start)
-    sums, count = jnp.zeros(2), 0
+    batches, pending = trainer.data(start), []
     for step in range(start + 1, t.num_steps + 1):
         state, metrics = trainer.train_step(
             state, sharding.global_batch(next(batches), trainer.mesh)
         )
         if step == start + 1:  # compiled and run: the clocks start now
             run.reporter.begin(int(state.step))
-        sums, count = sums + jnp.stack([metrics["loss"], metrics["grad_norm"]]), count + 1
+        pending.append((metrics["loss"], metrics["grad_norm"]))  # no host work per step
         stop = _should_stop(signals, step, t.log_every)
         last = step == t.num_steps or stop
         if step % t.log_every == 0 or last or step % t.checkpoint_every == 0:
-            loss, grad_norm = (float(v) / count for v in sums)
+            loss, grad_norm = mean_metrics(pending)
             _check_finite(loss + grad_norm, step)  # before anything is saved
         if step % t.log_every == 0 or last:
             run.reporter.write(step, dict(loss=loss, grad_norm=grad_norm, lr=float(metrics["lr"])))
-            sums, count = jnp.zeros(2), 0
+            pending = []
         _end_of_step(run, state, step, last)
         if stop:
             logging.warning("stopped at step %d, saved: the same command resumes", step)

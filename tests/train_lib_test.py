@@ -224,3 +224,13 @@ def test_resume_is_exact_with_the_importance_sampler(tmp_path):
     # Warm after 100 draws (step 7): the second half drew t by importance.
     assert int(a.history.counts.min()) == timesteps.HISTORY
     jax.tree.map(np.testing.assert_array_equal, a, b)  # history included, bit for bit
+
+
+def test_logged_metrics_are_the_means_of_the_steps_since_the_last_log():
+    """The loop keeps each step's (loss, grad_norm) on the devices, replicated over four,
+    and the log shows their means, fetched once."""
+    mesh = sharding.make_mesh(jax.devices())
+    put = lambda v: jax.device_put(jnp.float32(v), sharding.replicated(mesh))  # noqa: E731
+    pending = [(put(1.0), put(10.0)), (put(2.0), put(30.0)), (put(4.5), put(2.0))]
+    assert train_lib.mean_metrics(pending) == pytest.approx((2.5, 14.0), rel=1e-7)
+    assert np.isnan(train_lib.mean_metrics([(put(np.nan), put(1.0))])[0])
