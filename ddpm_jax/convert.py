@@ -8,14 +8,14 @@ GroupNorm variables are 'gamma'/'beta'. The EMA copy of each variable carries th
     python -m ddpm_jax.convert --checkpoint diffusion_cifar10_model/model.ckpt-790000 \\
         --config configs/cifar.py --out /tmp/cifar10_params
 
-writes the EMA parameters as an orbax checkpoint that `sample.py --params` reads.
+writes the EMA parameters as an orbax checkpoint that `sample.py --params` reads; --out may
+be a local directory or a bucket (gs://BUCKET/...).
 """
-
-from pathlib import Path
 
 import numpy as np
 from flax import traverse_util
 
+from ddpm_jax import fs
 from ddpm_jax.errors import UserError
 
 EMA_SUFFIX = "/ExponentialMovingAverage"
@@ -109,11 +109,13 @@ def main(argv=None):
     )
     parser.add_argument("--checkpoint", required=True, help="TF checkpoint prefix (model.ckpt-N)")
     parser.add_argument("--config", required=True, help="config file of the matching model")
-    parser.add_argument("--out", required=True, help="new directory for the orbax checkpoint")
+    parser.add_argument(
+        "--out", required=True, help="new directory (local or gs://) for the orbax checkpoint"
+    )
     parser.add_argument("--raw", action="store_true", help="take raw weights, not their EMA")
     parser.add_argument("--prefix", default="model/", help="variable scope of the model")
     args = parser.parse_args(argv)
-    out = Path(args.out).resolve()
+    out = fs.as_path(args.out)
     if out.exists():
         parser.error(f"--out {out} already exists; choose a new directory")
     config = config_lib.load_config(args.config)

@@ -18,12 +18,15 @@ import socket
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
+from convert_test import tiny_tf_checkpoint
 from etils.epath import gpath
 from train_lib_test import tiny_config
 from train_test import ROOT, train_command
 
-from ddpm_jax import checkpointing, fs, workdir
+from ddpm_jax import checkpointing, convert, fs, workdir
 from ddpm_jax.errors import UserError
 
 
@@ -161,3 +164,18 @@ def test_lock_steps_and_moving_a_step_in_the_bucket(in_the_bucket):
     moved = stored / "parts" / "damaged_checkpoints" / "7"
     assert (moved / "default" / "d" / "a").read_text() == "7/default/d/a"
     assert (moved / "commit_success.txt").is_file() and checkpointing.steps(run) == []
+
+
+def test_converted_params_are_written_to_and_read_from_the_bucket(
+    in_the_bucket, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # where a wrongly local gs: folder would appear
+    ckpt, params = tiny_tf_checkpoint(tmp_path)
+    args = ["--checkpoint", ckpt, "--config", "tiny", "--out", "gs://bucket/converted"]
+    convert.main(args)
+    assert (in_the_bucket / "converted" / "_CHECKPOINT_METADATA").is_file()
+    restored = checkpointing.restore_converted("gs://bucket/converted")
+    jax.tree.map(np.testing.assert_array_equal, restored, params)
+    with pytest.raises(SystemExit):  # never overwrite what the bucket holds
+        convert.main(args)
+    assert not (tmp_path / "gs:").exists()

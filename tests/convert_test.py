@@ -104,18 +104,23 @@ def test_not_a_checkpoint(tmp_path, params):
         convert.load_tf_checkpoint(str(tmp_path / "junk"), params)
 
 
-def test_command_writes_orbax_params(tmp_path):
-    import orbax.checkpoint as ocp
-
+def tiny_tf_checkpoint(directory):
+    """(checkpoint prefix, its EMA params): an authors'-layout checkpoint of configs/tiny.py."""
     from ddpm_jax import config_lib
 
-    config_path = CONFIGS / "tiny.py"
-    expected = convert.expected_params(config_lib.load_config(config_path))
+    expected = convert.expected_params(config_lib.load_config(CONFIGS / "tiny.py"))
     params = jax.tree.map(
         lambda s: np.random.default_rng(s.size).standard_normal(s.shape).astype(np.float32),
         expected,
     )
-    ckpt = write_tf_checkpoint(tmp_path / "model.ckpt-5", authors_layout(params))
+    return write_tf_checkpoint(directory / "model.ckpt-5", authors_layout(params)), params
+
+
+def test_command_writes_orbax_params(tmp_path):
+    import orbax.checkpoint as ocp
+
+    config_path = CONFIGS / "tiny.py"
+    ckpt, params = tiny_tf_checkpoint(tmp_path)
     out = tmp_path / "params"
     convert.main(["--checkpoint", ckpt, "--config", str(config_path), "--out", str(out)])
     with ocp.StandardCheckpointer() as checkpointer:
