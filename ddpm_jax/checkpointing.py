@@ -22,6 +22,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -70,8 +71,24 @@ def make_manager(workdir, keep=3, keep_period=None, async_save=True):
         enable_async_checkpointing=async_save,
         create=True,
     )
-    directory = checkpoint_dir(workdir)
-    return ocp.CheckpointManager(directory, options=options, item_names=("default", "record"))
+    handlers = dict(
+        default=ocp.PyTreeCheckpointHandler(type_handler_registry=_one_replica_writes()),
+        record=ocp.JsonCheckpointHandler(),
+    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
+
+
+def _one_replica_writes():
+    """Orbax's array handlers, with each replicated array written whole by its first replica.
+    Orbax's default (replica-parallel) splits every array into one slice per replica first:
+    a device program per array and replica, in the save's blocking part. Measured on 8
+    simulated CPU devices, the CIFAR10 state's save blocked training 2.4-3.3 s that way,
+    1.1-1.6 s this way (16 s against 3.7 s for the first save, which compiles them)."""
+    arrays = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+    numpy, scalar = ocp.type_handlers.NumpyHandler(), ocp.type_handlers.ScalarHandler()
+    return ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, arrays), (np.ndarray, numpy), (np.number, scalar), (int, scalar)
+    )
 
 
 def as_dict(state):
@@ -160,7 +177,7 @@ def save(manager, state, config, force=False):
         config=json.loads(config.to_json_best_effort()),
         fingerprint=fingerprint(tree),
     )
-    args = ocp.args.Composite(default=ocp.args.StandardSave(tree), record=ocp.args.JsonSave(record))
+    args = ocp.args.Composite(default=ocp.args.PyTreeSave(tree), record=ocp.args.JsonSave(record))
     return manager.save(step, args=args, force=force)
 
 

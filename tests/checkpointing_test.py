@@ -13,10 +13,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from conftest import mnist_data_dir
 
-from ddpm_jax import checkpointing, config_lib, train_lib, workdir
+from ddpm_jax import checkpointing, config_lib, sharding, train_lib, workdir
 from ddpm_jax.errors import UserError, file_system_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +69,30 @@ def test_fingerprint_is_two_wrapping_sums_of_the_words():
     assert checkpointing.fingerprint({"h": half})["h"][0] == sum(
         int(w) for w in np.asarray(half).view(np.uint16)
     )
+
+
+def test_replicated_arrays_are_written_whole_by_one_replica(tmp_path):
+    """Saving traces no program: the first replica writes each array whole (orbax's
+    replica-parallel default first slices every array once per replica, on the devices)."""
+    mesh = sharding.make_mesh()
+    assert mesh.size == 4
+    tree = {"a": jnp.arange(36.0).reshape(12, 3), "b": jnp.arange(20, dtype=jnp.int32)}
+    # shapes no other test saves, divisible by 4 (that orbax would slice them for 4 replicas)
+    tree = jax.device_put(tree, sharding.replicated(mesh))
+    traced = []
+    listen = lambda event, secs, **_: traced.append(event) if "trace" in event else None
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        manager = checkpointing.make_manager(tmp_path, async_save=False)
+        args = dict(default=ocp.args.PyTreeSave(tree), record=ocp.args.JsonSave({}))
+        manager.save(1, args=ocp.args.Composite(**args))
+        manager.close()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert traced == []
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(tmp_path / "checkpoints" / "1" / "default")
+    jax.tree.map(np.testing.assert_array_equal, restored, tree)
 
 
 def test_record_holds_the_settings_and_restore_verifies(tmp_path, fresh):
