@@ -19,22 +19,9 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
-import orbax.checkpoint as ocp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ddpm_jax import checkpointing, config_lib, sharding, train_lib, unet  # noqa: E402
-
-
-def replica_parallel_registry():
-    """Orbax's handlers with its default array handler (replica-parallel writes)."""
-    scalar = ocp.type_handlers.ScalarHandler()
-    return ocp.type_handlers.create_type_handler_registry(
-        (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=True)),
-        (np.ndarray, ocp.type_handlers.NumpyHandler()),
-        (np.number, scalar),
-        (int, scalar),
-    )
 
 
 def timed_saves(config, state, saves):
@@ -64,7 +51,8 @@ def main():
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.replica_parallel:
-        checkpointing._one_replica_writes = replica_parallel_registry
+        handlers = checkpointing.array_handlers
+        checkpointing.array_handlers = lambda: handlers(replica_parallel=True)
     config = config_lib.load_config(args.config)
     model, tx = unet.UNet(config_lib.unet_config(config)), train_lib.make_optimizer(config)
     state = train_lib.jit_init_state(config, model, tx, sharding.make_mesh())()
