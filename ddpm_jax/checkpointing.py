@@ -82,10 +82,10 @@ def array_handlers(replica_parallel=False):
     """Orbax's array handlers, with each replicated array written whole by its first replica
     (unless `replica_parallel`, orbax's default, kept to compare). Replica-parallel writes
     split every array into one slice per replica first: a device program per array and
-    replica, in the save's blocking part. On 8 simulated
-    CPU devices (bench/checkpoint_bench.py --cpu_devices 8) a save of the CIFAR10 state
-    blocked training 2.2-2.4 s that way, 0.95 s this way (15.5 s against 7.7 s for the
-    first save, which compiles what it runs)."""
+    replica, in the save's blocking part. On 8 simulated CPU devices
+    (bench/checkpoint_bench.py --cpu_devices 8) a save of the CIFAR10 state blocked
+    training 2.2-2.4 s that way, 0.95 s this way (15.5 s against 7.7 s for the first
+    save, which compiles what it runs)."""
     arrays = ocp.type_handlers.ArrayHandler(use_replica_parallel=replica_parallel)
     numpy, scalar = ocp.type_handlers.NumpyHandler(), ocp.type_handlers.ScalarHandler()
     return ocp.type_handlers.create_type_handler_registry(
