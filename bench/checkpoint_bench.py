@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ddpm_jax import checkpointing, config_lib, sharding, train_lib, unet  # noqa: E402
+from ddpm_jax import checkpointing, config_lib, sharding, train_state  # noqa: E402
 
 
 def timed_saves(config, state, saves):
@@ -54,8 +54,9 @@ def main():
         handlers = checkpointing.array_handlers
         checkpointing.array_handlers = lambda: handlers(replica_parallel=True)
     config = config_lib.load_config(args.config)
-    model, tx = unet.UNet(config_lib.unet_config(config)), train_lib.make_optimizer(config)
-    state = train_lib.jit_init_state(config, model, tx, sharding.make_mesh())()
+    setup = config_lib.build(config)
+    tx = train_state.make_optimizer(setup.training)
+    state = train_state.jit_init_state(setup, tx, sharding.make_mesh())()
     values = sum(x.size for x in jax.tree.leaves(state))
     writes = "replica-parallel" if args.replica_parallel else "one replica"
     print(f"{args.config}: {values / 1e6:.1f}M values on {jax.device_count()} devices, {writes}")

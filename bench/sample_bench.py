@@ -22,7 +22,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from unet_bench import timed  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from ddpm_jax import config_lib, sampling, unet  # noqa: E402
+from ddpm_jax import config_lib, reverse  # noqa: E402
 
 
 def load(args):
@@ -34,20 +34,15 @@ def load(args):
     return config
 
 
-def sampler(config, model, num_timesteps, batch):
+def sampler(config, num_timesteps, batch):
     config.diffusion.num_timesteps = num_timesteps
-    return lambda params, rng: sampling.sample(
-        params,
-        rng,
-        config=config,
-        model=model,
-        sched=config_lib.make_schedule(config),
-        num_samples=batch,
-    )
+    config.sampling.num_steps = 0  # the whole chain of T steps
+    setup = config_lib.build(config)
+    return lambda params, rng: reverse.sample(params, rng, setup=setup, num_samples=batch)
 
 
-def compile_cost(config, model, params, num_timesteps, batch):
-    fn = sampler(config, model, num_timesteps, batch)
+def compile_cost(config, params, num_timesteps, batch):
+    fn = sampler(config, num_timesteps, batch)
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(params, jax.random.PRNGKey(0)).compile()
     seconds = time.perf_counter() - start
@@ -68,7 +63,7 @@ def main():
     )  # fmt: skip
     args = parser.parse_args()
     config = load(args)
-    model = unet.UNet(config_lib.unet_config(config))
+    model = config_lib.build(config).model
     size, ch = config.data.image_size, config.data.num_channels
     x = jax.random.normal(jax.random.key(0), (args.batch, size, size, ch))
     t = jnp.full((args.batch,), 500, jnp.int32)
@@ -76,7 +71,7 @@ def main():
 
     forward = lambda p, x, t: model.apply({"params": p}, x, t)
     one = timed(forward, params, x, t, repeats=args.repeats)[1]
-    full = sampler(load(args), model, args.steps, args.batch)
+    full = sampler(load(args), args.steps, args.batch)
     whole = timed(full, params, jax.random.PRNGKey(0), repeats=args.repeats)[1]
     print(f"network forward, batch {args.batch}: {one * 1e3:.1f} ms")
     rate = args.batch * args.steps / whole
@@ -84,7 +79,7 @@ def main():
     overhead = whole / (args.steps * one) - 1
     print(f"{args.steps} bare forwards: {args.steps * one:.2f} s; loop overhead {overhead:+.1%}")
     for T in (10, 1000) if args.compile_check else ():
-        seconds, mib = compile_cost(load(args), model, params, T, args.batch)
+        seconds, mib = compile_cost(load(args), params, T, args.batch)
         print(f"compile at T={T:4d}: {seconds:5.1f} s, XLA temp {mib:7.1f} MiB")
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"peak RSS of this process: {rss_gib:.2f} GiB")

@@ -7,7 +7,7 @@
 Measures, in one run: the machine's 3x3 conv GFLOP/s (128 ch, 32x32, batch 32, the best
 of measurements taken between the model's, as the machine is shared); the forward pass
 at --fwd_batch, whole and as lax.map over chunks of --chunk; the train step at
---train_batch, train_lib's own (what train.py runs: L_simple, gradient clipping, Adam,
+--train_batch, train_state's own (what train.py runs: L_simple, gradient clipping, Adam,
 the EMA update, the state donated) on the CIFAR10 config. FLOPs are counted from the
 architecture (convs, dense layers, attention matmuls: 12.44 GFLOP per 32x32 image
 forward, 3x that for a train step). Reports images/s, compile time, XLA's temporary
@@ -30,7 +30,7 @@ import numpy as np
 from flax import traverse_util
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ddpm_jax import cli, config_lib, sharding, train_lib, unet  # noqa: E402
+from ddpm_jax import cli, config_lib, sharding, train_state, unet  # noqa: E402
 
 
 def timed(fn, *args, repeats):
@@ -87,18 +87,16 @@ def conv_peak(repeats, dtype):
 
 
 def train_step(args):
-    """(jitted step, its arguments): train_lib's own train step (L_simple, gradient clipping,
+    """(jitted step, its arguments): train_state's own train step (L_simple, gradient clipping,
     Adam with warmup, the EMA update; the state donated) for the CIFAR10 config at
     --train_batch on one device."""
     config = config_lib.load_config("cifar")
     config.training.batch_size = args.train_batch
     config.model.dtype, config.model.precision = args.dtype, args.precision
-    model, tx = unet.UNet(config_lib.unet_config(config)), train_lib.make_optimizer(config)
-    mesh = sharding.make_mesh(jax.devices()[:1])
-    init = train_lib.jit_init_state(config, model, tx, mesh)
-    step = train_lib.jit_train_step(
-        config, model, config_lib.make_schedule(config), tx, mesh, jax.eval_shape(init)
-    )
+    setup = config_lib.build(config)
+    tx, mesh = train_state.make_optimizer(setup.training), sharding.make_mesh(jax.devices()[:1])
+    init = train_state.jit_init_state(setup, tx, mesh)
+    step = train_state.jit_train_step(setup, tx, mesh, jax.eval_shape(init))
     x0 = jax.random.uniform(jax.random.key(3), (args.train_batch, 32, 32, 3), minval=-1)
     return step, (init(), sharding.global_batch(np.asarray(x0), mesh))
 

@@ -1,8 +1,10 @@
-"""From an ml_collections config to the typed pieces the library takes, with checks.
+"""From an ml_collections config to the typed setup the library takes, with checks.
 
-Everything a run needs is checked here, before anything is compiled or read, so that a
-mistake in a config or on the command line fails at once with a message naming the
-setting and how to fix it.
+`build(config)` is where a config becomes a `spec.Setup`: everything a run needs is
+checked there, before anything is compiled or read, so that a mistake in a config or on
+the command line fails at once with a message naming the setting and how to fix it. The
+entry points and the loops (training, evaluation modes, data) read the config; the core
+(diffusion, sampling, the bound, the train step) takes the Setup.
 """
 
 import dataclasses
@@ -10,7 +12,7 @@ import importlib.util
 import math
 from pathlib import Path
 
-from ddpm_jax import diffusion, schedules, timesteps, unet
+from ddpm_jax import schedules, spec, unet
 from ddpm_jax.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -66,7 +68,35 @@ def load_config(path_or_name):
     return module.get_config()
 
 
-def unet_config(config):
+def build(config, num_devices: int = 1, num_processes: int = 1) -> spec.Setup:
+    """The typed setup of a config: every setting checked (a mistake is a UserError naming
+    it and the fix) and each piece built once. The only reader of a config's model,
+    diffusion, sampling and training settings; the core takes what this returns."""
+    diffusion_spec_ = diffusion_spec(config)
+    model = unet_config(config, diffusion_spec_)
+    size = config.data.image_size
+    if not isinstance(size, int) or size < 1:
+        raise UserError(f"config.data.image_size must be a positive integer, got {size!r}")
+    try:
+        model.check_image_size(size)
+    except ValueError as e:
+        raise UserError(f"config.data.image_size: {e}") from e
+    if config.data.num_channels not in (1, 3):
+        raise UserError(f"config.data.num_channels must be 1 or 3, got {config.data.num_channels}")
+    check_batch("training.batch_size", config.training.batch_size, num_devices, num_processes)
+    check_eval(config, num_devices, num_processes)
+    return spec.Setup(
+        unet=model,
+        schedule=make_schedule(config),
+        diffusion=diffusion_spec_,
+        sampler=sampler_spec(config),
+        training=train_spec(config),
+        image_shape=(size, size, config.data.num_channels),
+        seed=config.seed,
+    )
+
+
+def unet_config(config, diffusion_spec_: spec.DiffusionSpec | None = None) -> unet.UNetConfig:
     """The UNetConfig of config.model, its out_ch following from the diffusion spec
     (config.data.num_channels, twice that with a learned variance)."""
     fields = {f.name for f in dataclasses.fields(unet.UNetConfig)} - {"out_ch"}
@@ -74,49 +104,19 @@ def unet_config(config):
     if unknown:
         raise UserError(f"unknown config.model settings {sorted(unknown)}; known: {sorted(fields)}")
     model = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in config.model.items()}
-    out_ch = diffusion_spec(config).output_channels(config.data.num_channels)
+    diffusion_spec_ = diffusion_spec_ or diffusion_spec(config)
+    out_ch = diffusion_spec_.output_channels(config.data.num_channels)
     try:
         return unet.UNetConfig(**model, out_ch=out_ch)
     except ValueError as e:
         raise UserError(f"config.model: {e}") from e
 
 
-def make_schedule(config):
-    """The Schedule of config.diffusion."""
-    d = config.diffusion
-    return schedules.make_schedule(
-        d.beta_schedule, beta_start=d.beta_start, beta_end=d.beta_end, num_timesteps=d.num_timesteps
-    )
-
-
-def diffusion_spec(config):
-    """The DiffusionSpec of config.diffusion, with config.sampling.clip_x0; a mistake is a
-    UserError naming the setting."""
+def make_schedule(config) -> schedules.Schedule:
+    """The Schedule of config.diffusion; a schedule that cannot be built is a UserError."""
     d = config.diffusion
     try:
-        return diffusion.DiffusionSpec(
-            mean_type=d.mean_type,
-            var_type=d.var_type,
-            loss_type=d.loss_type,
-            clip_x0=bool(config.sampling.clip_x0),
-            hybrid_lambda=d.get("hybrid_lambda", diffusion.DiffusionSpec.hybrid_lambda),
-        )
-    except UserError as e:
-        raise UserError(f"config.diffusion.{e}") from None
-
-
-def timestep_sampler(config):
-    """config.training.timestep_sampler as a timesteps.Sampler."""
-    name = config.training.get("timestep_sampler", "uniform")
-    diffusion.check_choice("config.training.timestep_sampler", name, tuple(timesteps.Sampler))
-    return timesteps.Sampler(name)
-
-
-def check_diffusion(config):
-    d = config.diffusion
-    diffusion_spec(config)
-    try:
-        schedules.get_beta_schedule(
+        return schedules.make_schedule(
             d.beta_schedule,
             beta_start=d.beta_start,
             beta_end=d.beta_end,
@@ -126,9 +126,29 @@ def check_diffusion(config):
         raise UserError(f"config.diffusion: {e}") from e
 
 
-def check_sampling(config):
+def diffusion_spec(config) -> spec.DiffusionSpec:
+    """The DiffusionSpec of config.diffusion, with config.sampling.clip_x0; a mistake is a
+    UserError naming the setting."""
+    d = config.diffusion
+    try:
+        return spec.DiffusionSpec(
+            mean_type=d.mean_type,
+            var_type=d.var_type,
+            loss_type=d.loss_type,
+            clip_x0=bool(config.sampling.clip_x0),
+            hybrid_lambda=d.get("hybrid_lambda", spec.DiffusionSpec.hybrid_lambda),
+        )
+    except UserError as e:
+        raise UserError(f"config.diffusion.{e}") from None
+
+
+def sampler_spec(config) -> spec.SamplerSpec:
+    """The SamplerSpec of config.sampling: num_steps 0 is the whole chain of T steps."""
     s, T = config.sampling, config.diffusion.num_timesteps
-    diffusion.check_choice("config.sampling.method", s.method, ("ancestral", "ddim"))
+    try:
+        method = spec.choose(spec.SamplerMethod, "method", s.method)
+    except UserError as e:
+        raise UserError(f"config.sampling.{e}") from None
     if not 0 <= s.num_steps <= T:
         raise UserError(f"config.sampling.num_steps must be in [0, T={T}], got {s.num_steps}")
     if not 0.0 <= s.eta <= 1.0:
@@ -139,6 +159,30 @@ def check_sampling(config):
             f"config.sampling.guidance must be >= 0, and 0 for an unconditional model "
             f"(config.model.num_classes = 0); got {w}"
         )
+    steps = s.num_steps or T
+    return spec.SamplerSpec(method, steps, float(s.eta), s.batch_size, float(w))
+
+
+def train_spec(config) -> spec.TrainSpec:
+    """The TrainSpec of config.training, after check_training."""
+    check_training(config)
+    t = config.training
+    try:
+        sampler = spec.choose(
+            spec.TimestepSampler, "timestep_sampler", t.get("timestep_sampler", "uniform")
+        )
+    except UserError as e:
+        raise UserError(f"config.training.{e}") from None
+    return spec.TrainSpec(
+        batch_size=t.batch_size,
+        learning_rate=t.learning_rate,
+        warmup_steps=t.warmup_steps,
+        grad_clip=t.grad_clip,
+        ema_decay=t.ema_decay,
+        ema_warmup=bool(t.get("ema_warmup", False)),
+        label_dropout=t.get("label_dropout", 0.0),
+        timestep_sampler=sampler,
+    )
 
 
 def check_batch(name, batch_size, num_devices, num_processes=1):
@@ -149,27 +193,6 @@ def check_batch(name, batch_size, num_devices, num_processes=1):
             f"({num_devices}) and of processes ({num_processes}); set --config.{name}=N with "
             f"N divisible by {num_devices}"
         )
-
-
-def check_config(config, num_devices=1, num_processes=1):
-    """Raise UserError naming the first setting that cannot work; returns the UNetConfig."""
-    model = unet_config(config)
-    size = config.data.image_size
-    if not isinstance(size, int) or size < 1:
-        raise UserError(f"config.data.image_size must be a positive integer, got {size!r}")
-    try:
-        model.check_image_size(size)
-    except ValueError as e:
-        raise UserError(f"config.data.image_size: {e}") from e
-    if config.data.num_channels not in (1, 3):
-        raise UserError(f"config.data.num_channels must be 1 or 3, got {config.data.num_channels}")
-    check_diffusion(config)
-    check_batch("training.batch_size", config.training.batch_size, num_devices, num_processes)
-    check_sampling(config)
-    check_training(config)
-    timestep_sampler(config)
-    check_eval(config, num_devices, num_processes)
-    return model
 
 
 def check_training(config):

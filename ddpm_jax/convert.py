@@ -84,17 +84,14 @@ def load_tf_checkpoint(path, expected, prefix="model/", ema=True):
     return params_from_tf_variables(shapes, reader.get_tensor, expected, prefix, ema)
 
 
-def expected_params(config):
-    """Parameter shapes of the UNet that a config describes (nothing is computed)."""
+def expected_params(setup):
+    """Parameter shapes of the U-Net of a typed setup (config_lib.build); nothing is
+    computed."""
     import jax
     import jax.numpy as jnp
 
-    from ddpm_jax import config_lib, unet
-
-    model = unet.UNet(config_lib.unet_config(config))
-    size, ch = config.data.image_size, config.data.num_channels
-    x, t = jnp.zeros((1, size, size, ch)), jnp.zeros((1,), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.key(0), x, t)["params"]
+    x, t = jnp.zeros((1, *setup.image_shape)), jnp.zeros((1,), jnp.int32)
+    return jax.eval_shape(setup.model.init, jax.random.key(0), x, t)["params"]
 
 
 def main(argv=None):
@@ -119,7 +116,8 @@ def main(argv=None):
     if out.exists():
         parser.error(f"--out {out} already exists; choose a new directory")
     config = config_lib.load_config(args.config)
-    params = load_tf_checkpoint(args.checkpoint, expected_params(config), args.prefix, not args.raw)
+    expected = expected_params(config_lib.build(config))
+    params = load_tf_checkpoint(args.checkpoint, expected, args.prefix, not args.raw)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out, params)
     count = sum(a.size for a in traverse_util.flatten_dict(params).values())

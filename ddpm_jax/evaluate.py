@@ -24,7 +24,7 @@ import json
 import jax
 from absl import app, flags, logging
 
-from ddpm_jax import checkpointing, config_lib, data, eval_lib
+from ddpm_jax import checkpointing, config_lib, data, eval_modes
 
 FLAGS = flags.FLAGS
 
@@ -32,7 +32,7 @@ FLAGS = flags.FLAGS
 def define_flags():
     cli.define_common_flags()
     flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint is evaluated).")
-    flags.DEFINE_list("eval", ["nll", "fid"], f"Modes, comma-separated, among {eval_lib.MODES}.")
+    flags.DEFINE_list("eval", ["nll", "fid"], f"Modes, comma-separated, among {eval_modes.MODES}.")
     flags.DEFINE_integer(
         "num_samples", None, "FID / IS samples (default config.eval.num_samples).", lower_bound=2
     )
@@ -48,15 +48,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.setup(FLAGS)
     config = FLAGS.config
-    config_lib.check_config(config, jax.device_count(), jax.process_count())
-    eval_lib.check_modes(FLAGS.eval)
+    setup = config_lib.build(config, jax.device_count(), jax.process_count())
+    eval_modes.check_modes(FLAGS.eval)
     batch_size = config.eval.batch_size if FLAGS.batch_size is None else FLAGS.batch_size
     config_lib.check_batch("eval.batch_size", batch_size, jax.device_count(), jax.process_count())
     params, step = checkpointing.restore_params(FLAGS.workdir, config)
     if set(FLAGS.eval) & {"nll", "fid", "fid_data"}:  # these read the dataset
         data.ensure_prepared(config, log=logging.info)
-    scalars, arrays = eval_lib.run(
+    scalars, arrays = eval_modes.run(
         config,
+        setup,
         params,
         FLAGS.eval,
         config.eval.num_samples if FLAGS.num_samples is None else FLAGS.num_samples,
@@ -66,7 +67,7 @@ def main(argv):
         seed=FLAGS.seed,
         progress=True,
     )
-    eval_lib.write_results(FLAGS.workdir, step, scalars, arrays)
+    eval_modes.write_results(FLAGS.workdir, step, scalars, arrays)
     if jax.process_index() == 0:
         print(json.dumps(dict(scalars, step=step)))
 

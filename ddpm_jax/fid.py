@@ -1,6 +1,6 @@
 """Sample quality: FID and Inception Score with the FID Inception-v3 (ddpm_jax.inception).
 
-Images enter as pixels k = round((x + 1) · 127.5) in 0..255 (what `sampling.to_uint8`
+Images enter as pixels k = round((x + 1) · 127.5) in 0..255 (what `images.to_uint8`
 saves), are resized to 299x299 with TF1's legacy bilinear resize and scaled to
 (k - 128) / 128: the convention of the TF graph behind the usual FID numbers. Grey
 images are repeated to 3 channels.
@@ -15,25 +15,28 @@ import hashlib
 import logging
 import re
 import warnings
+from collections.abc import Callable
 
 import jax
 import numpy as np
 import scipy.linalg
 from jax.experimental import multihost_utils
 
-from ddpm_jax import evaluation, fs, guidance, inception, sampling, sharding
+from ddpm_jax import bound, fs, guidance, images, inception, sharding
 from ddpm_jax.errors import UserError
 
 # ---- The formulas ------------------------------------------------------------------------
 
 
-def feature_statistics(features):
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance (ddof 1) of (N, D) features, in float64."""
     features = np.asarray(features, np.float64)
     return features.mean(0), np.cov(features, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2):
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
     """FID: |μ1 - μ2|² + tr(Σ1) + tr(Σ2) - 2 tr((Σ1 Σ2)^{1/2}), in float64. With fewer than
     2049 examples Σ is singular; the value is still defined but biased upward (small N)."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
@@ -52,7 +55,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(np.real(covmean)))
 
 
-def inception_score(probs, num_splits=10):
+def inception_score(probs: np.ndarray, num_splits: int = 10) -> tuple[float, float]:
     """IS = exp(E_x KL(p(y|x) || p(y))) over each of num_splits splits: (mean, std)."""
     probs = np.asarray(probs, np.float64)
     if len(probs) < num_splits:
@@ -68,17 +71,17 @@ def inception_score(probs, num_splits=10):
 # ---- Activations -------------------------------------------------------------------------
 
 
-def activations(params, x):
+def activations(params, x: jax.Array) -> dict[str, jax.Array]:
     """Images x in [-1, 1] (NHWC, 1 or 3 channels) -> {'pool3': (B, 2048)} and, when the
     network has its classifier, 'probs': (B, 1008)."""
-    pool3 = inception.features(params, inception.preprocess(sampling.quantize(x)))
+    pool3 = inception.features(params, inception.preprocess(images.quantize(x)))
     out = {"pool3": pool3}
     if inception.has_classifier(params):
         out["probs"] = inception.class_probabilities(params, pool3)
     return out
 
 
-def make_activations_fn(inception_params, mesh):
+def make_activations_fn(inception_params, mesh: jax.sharding.Mesh) -> Callable:
     """activations as one jitted function of a batch sharded over the mesh."""
     rep, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     params = jax.device_put(inception_params, rep)
@@ -86,7 +89,7 @@ def make_activations_fn(inception_params, mesh):
     return lambda x: jitted(params, x)
 
 
-def network_id(path):
+def network_id(path) -> str:
     """The first 16 hex digits of the network file's sha256 (stored with cached statistics)."""
     digest = hashlib.sha256()
     with fs.as_path(path).open("rb") as f:
@@ -95,7 +98,7 @@ def network_id(path):
     return digest.hexdigest()[:16]
 
 
-def load_network(path):
+def load_network(path) -> tuple[dict, str]:
     """(params, network_id) of the Inception file, or a clear error saying how to get it."""
     if path is None or not fs.as_path(path).is_file():
         problem = "no file is set" if path is None else f"{str(path)!r} does not exist"
@@ -109,7 +112,7 @@ def load_network(path):
 # ---- Reference statistics of a dataset split --------------------------------------------
 
 
-def stats_path(stats_dir, config, split):
+def stats_path(stats_dir, config, split: str):
     """<dataset>_<split>_<H>x<W>x<C>_<hash>.npz: readable, and the hash of the exact
     (dataset, split) strings keeps 'test[:5000]' and 'test[5000:]' apart."""
     d = config.data
@@ -135,7 +138,9 @@ def _write_cache(path, mu, sigma, num, net_id):
     fs.save_npz(path, mu=mu, sigma=sigma, num_examples=num, network_id=net_id)
 
 
-def dataset_statistics(config, network, split, stats_dir, batch_size, devices=None, progress=False):
+def dataset_statistics(
+    config, network, split: str, stats_dir, batch_size: int, devices=None, progress=False
+) -> tuple[np.ndarray, np.ndarray, int]:
     """(μ, Σ, N) of the pool3 features of every example of `split`, read from the cache in
     stats_dir or computed (sharded over all devices and processes) and cached there.
     network = load_network(path)."""
@@ -149,7 +154,7 @@ def dataset_statistics(config, network, split, stats_dir, batch_size, devices=No
         return cached
     mesh = sharding.make_mesh(devices)
     act = make_activations_fn(params, mesh)
-    feats = evaluation.map_split(
+    feats = bound.map_split(
         lambda x, i, *_: act(x)["pool3"], config, batch_size, mesh, split=split, progress=progress
     )
     mu, sigma = feature_statistics(feats)
@@ -161,34 +166,32 @@ def dataset_statistics(config, network, split, stats_dir, batch_size, devices=No
 # ---- Samples -----------------------------------------------------------------------------
 
 
-def make_sample_activations(config, network, devices=None, progress=False):
+class SampleActivations:
     """fn(params, rng, num_samples) -> activations of samples 0 .. num_samples-1 of `rng`
-    (as sampling.make_sample_fn draws them; a class model's cycle through its classes, at
-    config.sampling.guidance), computed chunk by chunk on the devices so that only
-    activations are kept. Build it once: its sampler and network compile once."""
-    mesh = sharding.make_mesh(devices)
-    act = make_activations_fn(network[0], mesh)
-    sample_fn = sampling.make_sample_fn(config, devices, progress)
+    (as sampling.Sampler draws them; a class model's cycle through its classes, at the
+    sampler's guidance), computed chunk by chunk on the devices so that only activations
+    are kept. `sampler` is a sampling.Sampler, whose devices the network runs on too.
+    Build it once: the sampler and the network compile once."""
 
-    def fn(params, rng, num_samples):
-        labels = guidance.balanced_labels(config, num_samples)
-        chunks = sample_fn.chunks(params, rng, num_samples, labels)
-        outs = [jax.block_until_ready(act(chunk)) for chunk in chunks]
+    def __init__(self, sampler, network: tuple[dict, str]):
+        self.sampler = sampler
+        self.activations = make_activations_fn(network[0], sampler.mesh)
+
+    def __call__(self, params, rng: jax.Array, num_samples: int) -> dict[str, np.ndarray]:
+        labels = guidance.balanced_labels(self.sampler.setup.num_classes, num_samples)
+        chunks = self.sampler.chunks(params, rng, num_samples, labels)
+        outs = [jax.block_until_ready(self.activations(chunk)) for chunk in chunks]
         outs = multihost_utils.process_allgather(outs, tiled=True)  # once, at the end
         return {k: np.concatenate([np.asarray(o[k]) for o in outs])[:num_samples] for k in outs[0]}
 
-    fn.sample_fn = sample_fn
-    return fn
-
 
 def sample_quality(
-    config, params, network, num_samples, reference, seed=0, activations_fn=None, **kwargs
-):
+    activations_fn: SampleActivations, params, num_samples: int, reference, seed: int = 0
+) -> dict:
     """{'num_samples'}, 'fid' against reference = (μ, Σ, ...) of a dataset split (None:
-    no FID) and, when the network has its classifier, 'is' and 'is_std' (10 splits).
-    activations_fn: a make_sample_activations result to reuse (else built from kwargs)."""
-    fn = activations_fn or make_sample_activations(config, network, **kwargs)
-    acts = fn(params, jax.random.PRNGKey(seed), num_samples)
+    no FID) and, when the network has its classifier, 'is' and 'is_std' (10 splits), of
+    num_samples samples of PRNGKey(seed)."""
+    acts = activations_fn(params, jax.random.PRNGKey(seed), num_samples)
     result = {"num_samples": num_samples}
     if reference is not None:
         stats = feature_statistics(acts["pool3"])

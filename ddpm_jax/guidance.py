@@ -1,28 +1,30 @@
 """Class labels at sampling time and classifier-free guidance (Ho & Salimans 2022).
 
-A class model (config.model.num_classes = K > 0) is trained with its label replaced by
-"no label" (∅, the embedding's row K) with probability config.training.label_dropout, so
+A class model (num_classes = K > 0) is trained with its label replaced by
+"no label" (∅, the embedding's row K) with probability label_dropout, so
 one network gives both ε_θ(x_t, t, c) and ε_θ(x_t, t, ∅). Guided sampling uses
 ε̃ = (1 + w) ε_θ(x_t, t, c) - w ε_θ(x_t, t, ∅), both halves in one batched network call.
 """
 
+from collections.abc import Callable
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax.errors import UserError
-from ddpm_jax.spec import split_output
+from ddpm_jax.spec import DiffusionSpec, split_output
+
+Apply = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]  # (x, t, y) -> output
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t, t) -> output
 
 
-def num_classes(config):
-    return config.model.get("num_classes", 0)
-
-
-def null_labels(n, classes):
+def null_labels(n: int, classes: int) -> jax.Array:
     """n times "no label" (the embedding row `classes`)."""
     return jnp.full((n,), classes, jnp.int32)
 
 
-def combine(spec, cond, uncond, w):
+def combine(spec: DiffusionSpec, cond: jax.Array, uncond: jax.Array, w) -> jax.Array:
     """(1 + w)·cond - w·uncond on the mean part of two network outputs; a learned Σ_θ is
     the conditional one's."""
     cond_mean, cond_var = split_output(spec, cond)
@@ -30,7 +32,9 @@ def combine(spec, cond, uncond, w):
     return mean if cond_var is None else jnp.concatenate([mean, cond_var], axis=-1)
 
 
-def guided_model_fn(apply, spec, labels, w, classes):
+def guided_model_fn(
+    apply: Apply, spec: DiffusionSpec, labels: jax.Array, w, classes: int
+) -> ModelFn:
     """model_fn(x_t, t) of guided sampling from apply(x, t, y): the conditional and the
     unconditional pass of each example as one call on a batch of twice the size, each
     example next to its copy, so that a batch sharded over devices stays where it is."""
@@ -46,7 +50,9 @@ def guided_model_fn(apply, spec, labels, w, classes):
     return model_fn
 
 
-def model_fn(apply, spec, labels, w, classes):
+def model_fn(
+    apply: Apply, spec: DiffusionSpec, labels: jax.Array | None, w, classes: int
+) -> ModelFn:
     """The network as model_fn(x_t, t) for sampling: apply(x, t) for an unconditional model;
     for a class model, whose labels must then be an array, one pass on the labels for
     w = None (no guidance: w = 0 needs no unconditional pass) or guided_model_fn."""
@@ -57,12 +63,14 @@ def model_fn(apply, spec, labels, w, classes):
     return guided_model_fn(apply, spec, labels, w, classes)
 
 
-def check(config, labels, guidance, num_samples):
-    """(labels as int32 NumPy (num_samples,), w) for a class model's sampler, with ∅ and
-    w = 0 for labels=None (unconditional samples); (None, 0.0) for an unconditional model.
-    guidance=None takes config.sampling.guidance."""
-    classes = num_classes(config)
-    w = config.sampling.get("guidance", 0.0) if guidance is None else guidance
+def check(
+    classes: int, labels, guidance: float | None, num_samples: int, default_guidance: float = 0.0
+) -> tuple[np.ndarray | None, float]:
+    """(labels as int32 NumPy (num_samples,), w) for the sampler of a model with `classes`
+    classes, with ∅ and w = 0 for labels=None (unconditional samples); (None, 0.0) for an
+    unconditional model (classes = 0). guidance=None takes default_guidance (the
+    sampler spec's)."""
+    w = default_guidance if guidance is None else guidance
     if not classes:
         if labels is not None or guidance:
             raise UserError(
@@ -87,8 +95,7 @@ def check(config, labels, guidance, num_samples):
     return labels.astype(np.int32), float(w)
 
 
-def balanced_labels(config, num_samples):
-    """0, 1, ..., K-1, 0, 1, ... for a class model (grids and FID cover every class), else
-    None."""
-    classes = num_classes(config)
+def balanced_labels(classes: int, num_samples: int) -> np.ndarray | None:
+    """0, 1, ..., K-1, 0, 1, ... for a class model of K = classes (grids and FID cover
+    every class), else None."""
     return np.arange(num_samples) % classes if classes else None

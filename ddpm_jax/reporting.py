@@ -5,29 +5,28 @@ import sys
 import time
 
 import jax
-import tqdm
+import numpy as np
 from absl import logging
 
-from ddpm_jax import events, fs, guidance, sampling
+from ddpm_jax import events, fs, guidance, images
+from ddpm_jax.progress import Progress
 
 
 class Reporter:
     """Metrics to TensorBoard and the log (process 0 only), with a progress bar on a terminal."""
 
-    def __init__(self, workdir, num_steps, batch_size):
+    def __init__(self, workdir, num_steps: int, batch_size: int):
         self.enabled = jax.process_index() == 0
         self.num_steps, self.batch_size = num_steps, batch_size
-        self.last_step = self.last_time = self.bar = None
+        self.last_step = self.last_time = None
         self.writer = events.EventWriter(workdir / "tensorboard") if self.enabled else None
+        self.bar = Progress(num_steps, self.enabled and sys.stderr.isatty())
 
-    def begin(self, step):
+    def begin(self, step: int) -> None:
         """Start the clocks once `step` is done: the first step's compilation is not counted
         in steps/s nor in the bar's rate and ETA."""
         self.last_step, self.last_time = step, time.time()
-        if self.enabled and sys.stderr.isatty():
-            self.bar = tqdm.tqdm(
-                initial=step, total=self.num_steps, unit="step", dynamic_ncols=True
-            )
+        self.bar.start(step)
 
     def write(self, step, scalars):
         """Log scalars at `step` and add steps/s and images/s since the last call."""
@@ -43,9 +42,8 @@ class Reporter:
         for name, value in scalars.items():
             self.writer.scalar(step, name, value)
         text = ", ".join(f"{k} {v:.4g}" for k, v in scalars.items())
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix_str(text)
+        if self.bar.shown:
+            self.bar.advance_to(step, text)
         else:
             logging.info("step %d: %s", step, text)
 
@@ -54,23 +52,26 @@ class Reporter:
             self.writer.image(step, name, grid)
 
     def close(self):
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
         if self.writer is not None:
             self.writer.close()
 
 
-def write_samples(trainer, state, reporter, sample_fn):
-    """config.training.num_sample_images EMA samples as workdir/samples/step_<N>.png
-    (N zero-padded to 8 digits) and a TensorBoard image; a class model's in columns of its
-    classes 0 .. K-1, at config.sampling.guidance."""
-    config, n = trainer.config, trainer.config.training.num_sample_images
-    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), int(state.step))
-    labels = guidance.balanced_labels(config, n)
-    images = sample_fn(state.ema_params, rng, n, labels=labels)
-    grid = sampling.image_grid(images, ncols=None if labels is None else min(n, len(set(labels))))
+def write_samples(
+    sample_fn, ema_params, step: int, seed: int, num_images: int, workdir, reporter: Reporter
+) -> np.ndarray:
+    """num_images EMA samples as workdir/samples/step_<N>.png (N zero-padded to 8 digits)
+    and a TensorBoard image; a class model's in columns of its classes 0 .. K-1, at the
+    sampler's guidance. The samples' key is fold_in(PRNGKey(seed + 1), step). Returns the
+    grid."""
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed + 1), step)
+    labels = guidance.balanced_labels(sample_fn.setup.num_classes, num_images)
+    x = sample_fn(ema_params, rng, num_images, labels=labels)
+    ncols = None if labels is None else min(num_images, len(set(labels)))
+    grid = images.image_grid(x, ncols=ncols)
     if jax.process_index() == 0:
-        out = trainer.workdir / "samples"
+        out = workdir / "samples"
         out.mkdir(parents=True, exist_ok=True)
-        fs.save_png(out / f"step_{int(state.step):08d}.png", grid)
-        reporter.image(int(state.step), "ema_samples", grid)
+        fs.save_png(out / f"step_{step:08d}.png", grid)
+        reporter.image(step, "ema_samples", grid)
+    return grid

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from ddpm_jax import checkpointing, fs, sampling
+from ddpm_jax import checkpointing, config_lib, fs, images, sampling
 
 FLAGS = flags.FLAGS
 
@@ -60,16 +60,17 @@ def main(argv):
     labels = parse_labels(FLAGS.labels)
     num = FLAGS.num_samples * (1 if labels is None else len(labels))
     labels = None if labels is None else np.repeat(labels, FLAGS.num_samples)
-    sample_fn = sampling.make_sample_fn(FLAGS.config, progress=True)
+    setup = config_lib.build(FLAGS.config)  # chunks of samples fit any device count
+    sample_fn = sampling.Sampler(setup, progress=True)
     rng = jax.random.PRNGKey(FLAGS.seed)
-    images = sample_fn(load_params(), rng, num, labels=labels, guidance=FLAGS.guidance)
+    samples = sample_fn(load_params(), rng, num, labels=labels, guidance=FLAGS.guidance)
     if jax.process_index() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         extra = {} if labels is None else {"labels": labels}
-        fs.save_npz(out.with_suffix(".npz"), compress=True, images=images, **extra)
+        fs.save_npz(out.with_suffix(".npz"), compress=True, images=samples, **extra)
         ncols = None if labels is None else FLAGS.num_samples
-        fs.save_png(out.with_suffix(".png"), sampling.image_grid(images, ncols))
-        print(f"wrote {len(images)} samples to {out.with_suffix('.png')} and .npz")
+        fs.save_png(out.with_suffix(".png"), images.image_grid(samples, ncols))
+        print(f"wrote {len(samples)} samples to {out.with_suffix('.png')} and .npz")
 
 
 def run():

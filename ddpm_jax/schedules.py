@@ -2,7 +2,7 @@
 
 All tables are computed once in float64 NumPy and then cast to JAX's default float
 dtype (float32, or float64 under `jax_enable_x64`). Index `t` is 0-based: `t` in
-{0, ..., T-1} is the paper's step t+1 (see DESIGN.md §2).
+{0, ..., T-1} is the paper's step t+1.
 """
 
 import dataclasses
@@ -30,7 +30,9 @@ def _cosine_betas(num_timesteps, s=0.008, max_beta=0.999):
     return np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], max_beta)
 
 
-def get_beta_schedule(name, *, beta_start=1e-4, beta_end=0.02, num_timesteps=1000):
+def get_beta_schedule(
+    name: str, *, beta_start: float = 1e-4, beta_end: float = 0.02, num_timesteps: int = 1000
+) -> np.ndarray:
     """β_1..β_T as float64 NumPy; the paper uses 'linear' from 1e-4 to 0.02 with T=1000 (§4)."""
     if not isinstance(num_timesteps, int | np.integer) or num_timesteps < 1:
         raise ValueError(f"num_timesteps (T) must be an integer >= 1, got {num_timesteps!r}")
@@ -53,7 +55,7 @@ def get_beta_schedule(name, *, beta_start=1e-4, beta_end=0.02, num_timesteps=100
     return betas
 
 
-def check_betas(betas):
+def check_betas(betas: np.ndarray) -> np.ndarray:
     """Raise ValueError unless betas is a non-empty 1-D array with every β_t in (0, 1]."""
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or betas.size < 1:
@@ -89,11 +91,11 @@ class Schedule:
     large_log_variance: jax.Array
 
     @property
-    def num_timesteps(self):
+    def num_timesteps(self) -> int:
         return self.betas.shape[0]
 
 
-def schedule_tables(betas):
+def schedule_tables(betas: np.ndarray) -> dict[str, np.ndarray]:
     """Float64 NumPy tables of eq. 4 and eq. 6-7 for the given β_1..β_T."""
     check_betas(betas)
     betas = np.asarray(betas, dtype=np.float64)
@@ -121,7 +123,10 @@ def schedule_tables(betas):
         )
 
 
-def make_schedule(name="linear", *, beta_start=1e-4, beta_end=0.02, num_timesteps=1000):
+def make_schedule(
+    name: str = "linear", *, beta_start: float = 1e-4, beta_end: float = 0.02,
+    num_timesteps: int = 1000,
+) -> "Schedule":  # fmt: skip
     """The Schedule pytree for a named β schedule (eq. 4), cast once to JAX's default float."""
     betas = get_beta_schedule(
         name, beta_start=beta_start, beta_end=beta_end, num_timesteps=num_timesteps
@@ -129,21 +134,21 @@ def make_schedule(name="linear", *, beta_start=1e-4, beta_end=0.02, num_timestep
     return schedule_from_betas(betas)
 
 
-def schedule_from_betas(betas):
+def schedule_from_betas(betas: np.ndarray) -> "Schedule":
     """The Schedule pytree for explicit β_1..β_T (e.g. a respaced subset of a schedule)."""
     dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
     tables = schedule_tables(betas)
     return Schedule(**{k: jnp.asarray(v.astype(dtype)) for k, v in tables.items()})
 
 
-def space_timesteps(num_timesteps, num_steps):
+def space_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
     """`num_steps` of the 0-based steps 0..T-1, evenly spaced, always keeping 0 and T-1."""
     if not 1 <= num_steps <= num_timesteps:
         raise ValueError(f"num_steps must be in [1, T={num_timesteps}], got {num_steps}")
     return np.unique(np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64))
 
 
-def respace_betas(betas, timesteps):
+def respace_betas(betas: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
     """β of the shorter chain that visits only `timesteps` (increasing, 0-based) of the
     chain of `betas`, so that its ᾱ are the original ᾱ at those steps:
     β'_i = 1 - ᾱ_{s_i} / ᾱ_{s_{i-1}} (Nichol & Dhariwal 2021, §4)."""

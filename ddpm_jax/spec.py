@@ -1,17 +1,28 @@
-"""The typed diffusion spec: what the network output means and how it is trained.
+"""The typed setup: what the core of the library takes instead of a config.
 
-One frozen `DiffusionSpec` (mean, variance and loss types, x̂_0 clipping, the hybrid
-loss's λ) is built and checked once from a config (config_lib.diffusion_spec) and passed
-to every function of diffusion, sampling, evaluation and training, instead of loose
-strings. Its enums are `StrEnum`s: they compare equal to the strings configs use.
+`config_lib.build(config)` checks a config once and returns one frozen `Setup`: the
+U-Net's config, the `Schedule`, the `DiffusionSpec` (what the network output means and how
+it is trained), the `SamplerSpec` (which reverse process, how many steps), the `TrainSpec`
+(the optimizer, EMA, label dropout, timestep sampler) and the image shape. Every function
+of diffusion, sampling, evaluation and training takes these, never the config. The enums
+are `StrEnum`s: they compare equal to the strings configs use.
 """
+
+from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+from typing import TYPE_CHECKING, TypeVar
 
+import jax
 import jax.numpy as jnp
 
 from ddpm_jax.errors import UserError
+from ddpm_jax.schedules import Schedule
+
+if TYPE_CHECKING:  # unet imports Flax; the spec itself does not need it
+    from ddpm_jax.unet import UNet, UNetConfig
 
 
 class MeanType(enum.StrEnum):
@@ -38,20 +49,38 @@ class LossType(enum.StrEnum):
     HYBRID = "hybrid"  # L_simple + λ L_vlb, the mean frozen in L_vlb (Nichol & Dhariwal eq. 16)
 
 
+class SamplerMethod(enum.StrEnum):
+    """The reverse process of sampling."""
+
+    ANCESTRAL = "ancestral"  # Algorithm 2: x_{t-1} ~ p_θ(x_{t-1} | x_t)
+    DDIM = "ddim"  # Song et al. 2021 (eq. 12), with η (0: deterministic)
+
+
+class TimestepSampler(enum.StrEnum):
+    """How training draws t (timesteps.py)."""
+
+    UNIFORM = "uniform"  # Algorithm 1, line 3
+    IMPORTANCE = "importance"  # Nichol & Dhariwal 2021, §3.3
+
+
 MEAN_TYPES, VAR_TYPES, LOSS_TYPES = (tuple(e) for e in (MeanType, VarType, LossType))
 
 
-def check_choice(name, value, choices):
-    """Raise a UserError naming `name` unless `value` is one of `choices`."""
-    if value not in choices:
-        raise UserError(f"unknown {name} {value!r}; choose one of {tuple(map(str, choices))}")
+E = TypeVar("E", bound=enum.StrEnum)
 
 
-def _as(enum_type, name, value):
+def choose(enum_type: type[E], name: str, value: object) -> E:
+    """`value` as a member of `enum_type`, or a UserError naming the setting `name` and
+    the choices."""
     if value not in tuple(enum_type):
         choices = ", ".join(map(repr, map(str, enum_type)))
         raise UserError(f"{name}: unknown value {value!r}; choose one of {choices}")
     return enum_type(value)
+
+
+def _set_enums(obj, **enum_types):
+    for name, enum_type in enum_types.items():
+        object.__setattr__(obj, name, choose(enum_type, name, getattr(obj, name)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +95,7 @@ class DiffusionSpec:
     hybrid_lambda: float = 0.001  # λ of the hybrid loss
 
     def __post_init__(self):
-        for name, enum_type in (("mean_type", MeanType), ("var_type", VarType)):
-            object.__setattr__(self, name, _as(enum_type, name, getattr(self, name)))
-        object.__setattr__(self, "loss_type", _as(LossType, "loss_type", self.loss_type))
+        _set_enums(self, mean_type=MeanType, var_type=VarType, loss_type=LossType)
         learned, loss = self.learned_variance, self.loss_type
         if learned and loss not in (LossType.KL, LossType.HYBRID):
             raise UserError(
@@ -84,15 +111,78 @@ class DiffusionSpec:
             raise UserError(f"hybrid_lambda must be > 0, got {self.hybrid_lambda}")
 
     @property
-    def learned_variance(self):
+    def learned_variance(self) -> bool:
         return self.var_type == VarType.LEARNED_RANGE
 
-    def output_channels(self, num_channels):
+    def output_channels(self, num_channels: int) -> int:
         """Channels of the network output: the mean part, and as many again for Σ_θ."""
         return 2 * num_channels if self.learned_variance else num_channels
 
 
-def split_output(spec: DiffusionSpec, model_output):
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+    """How samples are drawn: the method, the chain's length and the defaults of sample_fn."""
+
+    method: SamplerMethod = SamplerMethod.ANCESTRAL
+    num_steps: int = 1000  # reverse steps; fewer than T respace the chain (Nichol & Dhariwal §4)
+    eta: float = 0.0  # DDIM's η; the ancestral method has none
+    batch_size: int = 64  # the most samples drawn at once
+    guidance: float = 0.0  # the classifier-free guidance weight w of a class model
+
+    def __post_init__(self):
+        _set_enums(self, method=SamplerMethod)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    """The optimizer, the EMA and what a train step draws (Algorithm 1)."""
+
+    batch_size: int = 128  # global
+    learning_rate: float = 2e-4  # Adam's, reached after warmup_steps (linear from 0)
+    warmup_steps: int = 5000
+    grad_clip: float = 1.0  # on the global gradient norm
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + n) / (10 + n)) at update n
+    label_dropout: float = 0.0  # a class model's labels replaced by ∅ with this probability
+    timestep_sampler: TimestepSampler = TimestepSampler.UNIFORM
+
+    def __post_init__(self):
+        _set_enums(self, timestep_sampler=TimestepSampler)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Setup:
+    """Everything the core takes of a config, checked and built once (config_lib.build)."""
+
+    unet: UNetConfig
+    schedule: Schedule
+    diffusion: DiffusionSpec
+    sampler: SamplerSpec
+    training: TrainSpec
+    image_shape: tuple[int, int, int]  # (H, W, C) of the data, in [-1, 1]
+    seed: int = 0  # of the parameters' initialisation and of training's randomness
+
+    @property
+    def num_classes(self) -> int:
+        """K of a class model (labels 0..K-1, K meaning ∅), 0 for an unconditional one."""
+        return self.unet.num_classes
+
+    @functools.cached_property
+    def model(self) -> UNet:
+        """The U-Net (a Flax module: only its config, no parameters)."""
+        from ddpm_jax import unet
+
+        return unet.UNet(self.unet)
+
+    @property
+    def respaced(self) -> bool:
+        """Whether sampling runs a shorter chain than the T steps of training."""
+        return self.sampler.num_steps != self.schedule.num_timesteps
+
+
+def split_output(
+    spec: DiffusionSpec, model_output: jax.Array
+) -> tuple[jax.Array, jax.Array | None]:
     """(mean part, variance part or None) of the network output (channels last)."""
     if not spec.learned_variance:
         return model_output, None

@@ -8,8 +8,6 @@ uniform share keeps every p_t > 0. The history is part of the train state: it is
 checkpointed (resume stays exact) and replicated like the rest of it.
 """
 
-import enum
-
 import flax
 import jax
 import jax.numpy as jnp
@@ -18,25 +16,20 @@ HISTORY = 10  # losses kept per t
 UNIFORM_SHARE = 1e-3  # of the probability mass, spread evenly over t
 
 
-class Sampler(enum.StrEnum):
-    UNIFORM = "uniform"
-    IMPORTANCE = "importance"
-
-
 @flax.struct.dataclass
 class LossHistory:
     losses: jax.Array  # (T, HISTORY) float32: the last losses at t, oldest first
     counts: jax.Array  # (T,) int32: how many of them are filled (at most HISTORY)
 
 
-def init_history(num_timesteps, size=HISTORY):
+def init_history(num_timesteps: int, size: int = HISTORY) -> "LossHistory":
     return LossHistory(
         losses=jnp.zeros((num_timesteps, size), jnp.float32),
         counts=jnp.zeros((num_timesteps,), jnp.int32),
     )
 
 
-def probabilities(history):
+def probabilities(history: LossHistory) -> jax.Array:
     """p_t ∝ √(mean of the stored L_t²), mixed with UNIFORM_SHARE of the uniform; uniform
     until every t has a full history."""
     num_timesteps, size = history.losses.shape
@@ -47,7 +40,9 @@ def probabilities(history):
     return jnp.where(warm, p, jnp.full_like(p, 1.0 / num_timesteps))
 
 
-def sample(rng, history, batch_size, num_timesteps):
+def sample(
+    rng: jax.Array, history: LossHistory | None, batch_size: int, num_timesteps: int
+) -> tuple[jax.Array, jax.Array | None]:
     """(t, weights) for a batch: t ~ Uniform{0..T-1} with weights None when history is None
     (the uniform sampler), else t ~ p_t with weights 1/(T p_t)."""
     if history is None:
@@ -66,7 +61,7 @@ def _ranks(t):
     return jnp.zeros_like(t).at[order].set(ranks_sorted)
 
 
-def update(history, t, losses):
+def update(history: LossHistory, t: jax.Array, losses: jax.Array) -> LossHistory:
     """The history after the batch's losses, appended at their t in batch order (the last
     HISTORY kept), without a loop over the batch: the new row of t is the tail of
     [old row, the n_t new losses], i.e. slot k holds old[n_t + k] if n_t + k < HISTORY,

@@ -17,7 +17,7 @@ cli.quiet_tensorflow()  # before anything imports TensorFlow
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import train_lib
+from ddpm_jax import training
 
 FLAGS = flags.FLAGS
 
@@ -36,7 +36,7 @@ def main(argv):
     logging.info(
         "config %s, workdir %s", config_flags.get_config_filename(FLAGS["config"]), FLAGS.workdir
     )
-    train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 def run():

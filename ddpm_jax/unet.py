@@ -9,6 +9,7 @@ so their checkpoints map one to one (see convert.py). Knows nothing of noise sch
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -59,7 +60,7 @@ class UNetConfig:
                 f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}"
             )
 
-    def check_image_size(self, size):
+    def check_image_size(self, size: int) -> None:
         """Raise ValueError unless `size` halves cleanly at every downsampling."""
         factor = 2 ** (len(self.ch_mult) - 1)
         if size % factor:
@@ -69,14 +70,14 @@ class UNetConfig:
             )
 
 
-def default_init(scale=1.0):
+def default_init(scale: float = 1.0) -> Callable:
     """Variance scaling, fan-average, uniform (the authors' init); scale 0 gives zeros."""
     if scale == 0.0:
         return nn.initializers.zeros
     return nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
 
 
-def timestep_embedding(t, dim):
+def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
     """Sinusoidal embedding [sin(t·f_i), cos(t·f_i)], f_i = exp(-ln(1e4)·i/(half-1))."""
     half = dim // 2
     freqs = jnp.exp(-math.log(10000.0) / (half - 1) * jnp.arange(half, dtype=jnp.float32))
@@ -85,7 +86,9 @@ def timestep_embedding(t, dim):
     return jnp.pad(emb, ((0, 0), (0, dim % 2)))
 
 
-def conv(features, name, dtype, precision=None, stride=1, scale=1.0):
+def conv(
+    features: int, name: str, dtype, precision=None, stride: int = 1, scale: float = 1.0
+) -> nn.Conv:
     """3x3 'SAME' convolution (TF's SAME padding, as the authors' checkpoints expect)."""
     return nn.Conv(
         features, (3, 3), (stride, stride), "SAME",
@@ -93,14 +96,14 @@ def conv(features, name, dtype, precision=None, stride=1, scale=1.0):
     )  # fmt: skip
 
 
-def dense(features, name, dtype, precision=None, scale=1.0):
+def dense(features: int, name: str, dtype, precision=None, scale: float = 1.0) -> nn.Dense:
     """Dense layer on the last axis (also the 1x1 'nin' layers of the authors' code)."""
     return nn.Dense(
         features, dtype=dtype, precision=precision, kernel_init=default_init(scale), name=name
     )
 
 
-def group_norm(name, dtype):
+def group_norm(name: str, dtype) -> nn.GroupNorm:
     """GroupNorm with 32 groups and ε = 1e-6 (tf.contrib.layers.group_norm's defaults)."""
     return nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, name=name)
 
@@ -112,13 +115,13 @@ class _Layers(nn.Module):
     dtype: jnp.dtype = jnp.float32
     precision: jax.lax.Precision | None = None
 
-    def conv(self, features, name, stride=1, scale=1.0):
+    def conv(self, features: int, name: str, stride: int = 1, scale: float = 1.0) -> nn.Conv:
         return conv(features, name, self.dtype, self.precision, stride, scale)
 
-    def dense(self, features, name, scale=1.0):
+    def dense(self, features: int, name: str, scale: float = 1.0) -> nn.Dense:
         return dense(features, name, self.dtype, self.precision, scale)
 
-    def norm(self, name):
+    def norm(self, name: str) -> nn.GroupNorm:
         return group_norm(name, self.dtype)
 
 
@@ -293,7 +296,7 @@ class UNet(nn.Module):
         return h.astype(jnp.float32)
 
 
-def apply_in_chunks(fn, chunk_size, *batched):
+def apply_in_chunks(fn, chunk_size: int, *batched: jax.Array) -> jax.Array:
     """fn(*batched) computed as lax.map over chunks of `chunk_size` examples.
 
     Same numbers, same single compilation; on CPUs a chunk that fits in cache makes the

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ddpm_jax import checkpointing, config_lib, fs, input_pipeline, sampling  # noqa: E402
+from ddpm_jax import checkpointing, config_lib, fs, images, input_pipeline, sampling  # noqa: E402
 
 
 class Classifier(nn.Module):
@@ -96,15 +96,15 @@ def main():
     params, step = checkpointing.restore_params(args.workdir, config)
     classes = config.model.num_classes
     labels = np.repeat(np.arange(classes), args.per_class)
-    sample_fn = sampling.make_sample_fn(config, progress=True)
+    sample_fn = sampling.make_sample_fn(config_lib.build(config), progress=True)
     for w in map(float, args.guidance.split(",")):
-        images = sample_fn(params, jax.random.PRNGKey(0), len(labels), "float", labels, w)
-        hits = classify(images) == labels
+        samples = sample_fn(params, jax.random.PRNGKey(0), len(labels), "float", labels, w)
+        hits = classify(samples) == labels
         per_class = [float(hits[labels == c].mean()) for c in range(classes)]
         result[f"w={w:g}"] = dict(per_class=per_class, mean=float(hits.mean()))
-        grid = sampling.image_grid(sampling.to_uint8(images), ncols=args.per_class)
+        grid = images.image_grid(images.to_uint8(samples), ncols=args.per_class)
         fs.save_png(fs.as_path(f"{args.out}_w{w:g}.png"), grid)
-    print(json.dumps(dict(result, step=step, num_steps=sampling.chain_length(config))))
+    print(json.dumps(dict(result, step=step, num_steps=sample_fn.num_steps)))
 
 
 if __name__ == "__main__":

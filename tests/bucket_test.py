@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from convert_test import tiny_tf_checkpoint
 from etils.epath import gpath
-from train_lib_test import tiny_config
 from train_test import ROOT, train_command
+from training_test import tiny_config
 
 from ddpm_jax import checkpointing, convert, fs, workdir
 from ddpm_jax.errors import UserError

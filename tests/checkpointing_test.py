@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import mnist_data_dir
 
-from ddpm_jax import checkpointing, config_lib, sharding, train_lib, workdir
+from ddpm_jax import checkpointing, config_lib, sharding, training, workdir
 from ddpm_jax.errors import UserError, file_system_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def tiny_config():
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory):
     """An initial train state of the tiny config."""
-    return train_lib.Trainer(tiny_config(), tmp_path_factory.mktemp("init")).init()
+    return training.Trainer(tiny_config(), tmp_path_factory.mktemp("init")).init()
 
 
 def write(path, state, steps, config=None):
@@ -127,7 +127,7 @@ def test_other_settings_fail_at_once_listing_them(tmp_path, two_steps, change, l
     change(config)
     for call in (
         lambda: checkpointing.restore_params(tmp_path, config),
-        lambda: train_lib.Trainer(config, tmp_path).restore_or_init(),
+        lambda: training.Trainer(config, tmp_path).restore_or_init(),
     ):
         with pytest.raises(UserError, match="was written with other settings") as e:
             call()
@@ -177,7 +177,7 @@ def test_a_damaged_step_is_skipped_named_and_moved_aside(tmp_path, fresh, two_st
     copy(two_steps, tmp_path)
     DAMAGE[kind](tmp_path / "checkpoints" / "4")
     caplog.set_level(logging.WARNING)
-    state = train_lib.Trainer(tiny_config(), tmp_path).restore_or_init()  # resuming
+    state = training.Trainer(tiny_config(), tmp_path).restore_or_init()  # resuming
     assert int(state.step) == 2 and step_of(state.params, fresh) == 2
     damaged = str(tmp_path / "checkpoints" / "4")
     warnings = [r.getMessage() for r in caplog.records if damaged + " is damaged" in r.getMessage()]
@@ -203,7 +203,7 @@ def test_every_step_damaged_is_an_error_that_keeps_them(tmp_path, two_steps):
     for step in (2, 4):
         (tmp_path / "checkpoints" / str(step) / "default" / "_METADATA").unlink()
     with pytest.raises(UserError, match="^no checkpoint can be read: .*checkpoints/4 .*/2 "):
-        train_lib.Trainer(tiny_config(), tmp_path).restore_or_init()
+        training.Trainer(tiny_config(), tmp_path).restore_or_init()
     assert checkpointing.steps(tmp_path) == [4, 2]
 
 

@@ -14,7 +14,7 @@ def record(pathname, level, message):
 
 def test_quiet_libraries_keeps_ours_and_real_warnings():
     quiet = cli.QuietLibraries(ROOT / "train.py")
-    ours = str(ROOT / "ddpm_jax" / "train_lib.py")
+    ours = str(ROOT / "ddpm_jax" / "training.py")
     orbax = "/venv/lib/python3.11/site-packages/orbax/checkpoint/manager.py"
     assert quiet.filter(record(ours, logging.INFO, "step 4: loss 0.1"))
     assert quiet.filter(record(str(ROOT / "train.py"), logging.INFO, "config: ..."))

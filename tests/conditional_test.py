@@ -19,9 +19,11 @@ from ddpm_jax import (
     config_lib,
     guidance,
     input_pipeline,
+    reverse,
     sampling,
     sharding,
-    train_lib,
+    train_state,
+    training,
     unet,
 )
 from ddpm_jax.errors import UserError
@@ -110,17 +112,18 @@ def test_sample_fn_guidance_labels_devices_and_one_program(class_model):
     config, model, params = class_model
     config = config.copy_and_resolve_references()
     config.sampling.batch_size = 4
-    sched, spec = config_lib.make_schedule(config), config_lib.diffusion_spec(config)
+    setup = config_lib.build(config)
+    sched, spec = setup.schedule, setup.diffusion
     rng, labels = jax.random.PRNGKey(4), np.array([3, 1, 4, 1, 5, 9])
-    keys = sampling.example_keys(rng, 6)
-    x_T = sampling.initial_noise(keys, (8, 8, 1), 20)
+    keys = reverse.example_keys(rng, 6)
+    x_T = reverse.initial_noise(keys, (8, 8, 1), 20)
     apply = lambda y: lambda x, t: model.apply({"params": params}, x, t, y)  # noqa: E731
-    on_four = sampling.make_sample_fn(config)
+    on_four = sampling.make_sample_fn(setup)
     got = on_four(params, rng, 6, output="float", labels=labels, guidance=0.0)
-    want = sampling.sample_loop(sched, spec, apply(jnp.asarray(labels)), x_T, keys)
+    want = reverse.sample_loop(sched, spec, apply(jnp.asarray(labels)), x_T, keys)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     got = on_four(params, rng, 6, output="float")
-    want = sampling.sample_loop(sched, spec, apply(None), x_T, keys)
+    want = reverse.sample_loop(sched, spec, apply(None), x_T, keys)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     guided = on_four(params, rng, 6, output="float", labels=labels, guidance=3.0)
     assert float(np.max(np.abs(guided - got))) > 1e-3
@@ -159,20 +162,20 @@ def test_bad_labels_and_guidance_are_refused(class_model, tiny_model):
         group, name = setting.split(".")
         bad[group][name] = 0.5
         with pytest.raises(UserError, match=word):
-            config_lib.check_config(bad, 4)
+            config_lib.build(bad, 4)
 
 
 def test_the_null_row_is_used_exactly_when_a_label_is_dropped(tmp_path):
     """One update: the embedding rows that move are those of the labels the network saw,
     "no label" included exactly when some were dropped (counted by the step's metric)."""
     config = class_config(label_dropout=0.5, warmup_steps=0, batch_size=16)
-    trainer = train_lib.Trainer(config, tmp_path)
+    trainer = training.Trainer(config, tmp_path)
     state = trainer.init()
     state = state.replace(params=randomize(state.params))  # the zero output layer hides y
     before = np.array(state.params["label_emb"]["embedding"])
     x0, y = next(input_pipeline.train_iterator(config, 16, seed=0))
     step_rng = jax.random.fold_in(state.rng, state.step)
-    seen = train_lib.drop_labels(jax.random.fold_in(step_rng, 3), jnp.asarray(y), 0.5, K)
+    seen = train_state.drop_labels(jax.random.fold_in(step_rng, 3), jnp.asarray(y), 0.5, K)
     state, metrics = trainer.train_step(state, sharding.global_batch((x0, y), trainer.mesh))
     moved = np.flatnonzero(np.any(np.asarray(state.params["label_emb"]["embedding"]) != before, 1))
     dropped = int(np.sum(np.asarray(seen) == K))
@@ -180,11 +183,11 @@ def test_the_null_row_is_used_exactly_when_a_label_is_dropped(tmp_path):
     np.testing.assert_array_equal(moved, np.unique(np.asarray(seen)))
     assert K in moved
     counts = [
-        int(np.sum(train_lib.drop_labels(jax.random.key(s), jnp.asarray(y), 0.1, K) == K))
+        int(np.sum(train_state.drop_labels(jax.random.key(s), jnp.asarray(y), 0.1, K) == K))
         for s in range(200)
     ]
     np.testing.assert_allclose(np.mean(counts) / 16, 0.1, atol=0.015)  # P(drop) = label_dropout
-    assert int(np.sum(train_lib.drop_labels(jax.random.key(0), jnp.asarray(y), 0.0, K) == K)) == 0
+    assert int(np.sum(train_state.drop_labels(jax.random.key(0), jnp.asarray(y), 0.0, K) == K)) == 0
 
 
 def test_labels_from_tfds_and_from_image_folders(tmp_path):

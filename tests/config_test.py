@@ -18,13 +18,16 @@ def load(name):
 
 
 def num_params(config):
-    return sum(math.prod(a.shape) for a in jax.tree.leaves(convert.expected_params(config)))
+    return sum(
+        math.prod(a.shape)
+        for a in jax.tree.leaves(convert.expected_params(config_lib.build(config)))
+    )
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_every_config_is_valid(name):
     config = load(name)
-    config_lib.check_config(config, num_devices=4 if name != "tiny" else 1)
+    config_lib.build(config, num_devices=4 if name != "tiny" else 1)
     assert config_lib.make_schedule(config).num_timesteps == config.diffusion.num_timesteps
 
 
@@ -108,7 +111,7 @@ def test_bad_settings_are_named(setting, value, word):
     group, key = setting.split(".")
     config[group][key] = value
     with pytest.raises(UserError, match=word):
-        config_lib.check_config(config, num_devices=4)
+        config_lib.build(config, num_devices=4)
 
 
 def test_unknown_model_setting_and_missing_file():

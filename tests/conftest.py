@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Must run before any JAX backend is initialised (DESIGN.md §4).
+# Must run before any JAX backend is initialised.
 jax.config.update("jax_num_cpu_devices", 4)
 # Tests build the same programs many times (a fresh Trainer per test): compile each once
 # per session through a session-local persistent cache.

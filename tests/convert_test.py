@@ -108,7 +108,9 @@ def tiny_tf_checkpoint(directory):
     """(checkpoint prefix, its EMA params): an authors'-layout checkpoint of configs/tiny.py."""
     from ddpm_jax import config_lib
 
-    expected = convert.expected_params(config_lib.load_config(CONFIGS / "tiny.py"))
+    expected = convert.expected_params(
+        config_lib.build(config_lib.load_config(CONFIGS / "tiny.py"))
+    )
     params = jax.tree.map(
         lambda s: np.random.default_rng(s.size).standard_normal(s.shape).astype(np.float32),
         expected,

@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
-from ddpm_jax import config_lib, data, train_lib
+from ddpm_jax import config_lib, data, training
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_FILES = {
@@ -65,7 +65,7 @@ def test_quickstart_prepares_mnist_on_first_use_then_trains(tmp_path, mocked_dow
     config.data.data_dir = str(data_dir)
     config.training.update(num_steps=2, sample_every=0)
     config.eval.every = 0
-    state = train_lib.train_and_evaluate(config, workdir)
+    state = training.train_and_evaluate(config, workdir)
     assert int(state.step) == 2 and (workdir / "checkpoints" / "2").is_dir()
     builder = tfds.builder("mnist", data_dir=str(data_dir))
     assert builder.is_prepared()
@@ -74,7 +74,7 @@ def test_quickstart_prepares_mnist_on_first_use_then_trains(tmp_path, mocked_dow
     assert mocked_download["hosts"] == [("storage.googleapis.com", 443)]
     assert len(mocked_download["urls"]) == 1
     assert set(mocked_download["urls"][0]) == set(MNIST_FILES)
-    train_lib.train_and_evaluate(config, tmp_path / "again")  # prepared: nothing downloaded
+    training.train_and_evaluate(config, tmp_path / "again")  # prepared: nothing downloaded
     assert len(mocked_download["urls"]) == 1
 
 
@@ -136,12 +136,12 @@ def test_a_failed_setup_removes_only_the_workdir_it_created(tmp_path):
                 "download_and_extract",
                 lambda self, urls: {k: tmp_path / "unused" / MNIST_FILES[k] for k in urls},
             )
-            train_lib.train_and_evaluate(config, tmp_path / "new_workdir")
+            training.train_and_evaluate(config, tmp_path / "new_workdir")
     assert tfds.builder("mnist", data_dir=str(tfds_dir)).is_prepared()
     assert not (tmp_path / "new_workdir").exists()
     kept = tmp_path / "old_workdir"
     (kept / "notes").mkdir(parents=True)
     (kept / "notes" / "run.txt").write_text("keep me")
     with pytest.raises(ValueError, match="no_such_network.pt"):
-        train_lib.train_and_evaluate(config, kept)
+        training.train_and_evaluate(config, kept)
     assert (kept / "notes" / "run.txt").read_text() == "keep me"

@@ -13,10 +13,16 @@ import time
 import jax
 import numpy as np
 import pytest
-from train_lib_test import final_state, tiny_config
 from train_test import ROOT, run_train, train_command
+from training_test import final_state, tiny_config
 
-from ddpm_jax import checkpointing, input_pipeline, reporting, train_lib, workdir
+from ddpm_jax import (
+    checkpointing,
+    input_pipeline,
+    reporting,
+    training,
+    workdir,
+)
 from ddpm_jax.errors import UserError
 
 
@@ -24,7 +30,7 @@ from ddpm_jax.errors import UserError
 def trained(tmp_path_factory):
     """A workdir trained for 2 steps (a checkpoint of step 2), written once; tests use copies."""
     path = tmp_path_factory.mktemp("trained")
-    train_lib.train_and_evaluate(tiny_config(num_steps=2, checkpoint_every=2), path)
+    training.train_and_evaluate(tiny_config(num_steps=2, checkpoint_every=2), path)
     return path
 
 
@@ -54,7 +60,7 @@ def signalling(monkeypatch, at):
 def test_a_stop_signal_saves_and_stops(tmp_path, monkeypatch, signum):
     signalling(monkeypatch, {2: [signum]})  # while the third step's batch is read
     before = signal.getsignal(signum)
-    state = train_lib.train_and_evaluate(tiny_config(num_steps=50, checkpoint_every=100), tmp_path)
+    state = training.train_and_evaluate(tiny_config(num_steps=50, checkpoint_every=100), tmp_path)
     assert int(state.step) == 3 and checkpointing.steps(tmp_path) == [3]
     assert int(final_state(tmp_path).step) == 3 and no_temporary_dirs(tmp_path)
     assert signal.getsignal(signum) == before  # the handlers are put back
@@ -65,7 +71,7 @@ def test_a_second_ctrl_c_stops_at_once_after_the_save_in_flight(tmp_path, monkey
     signalling(monkeypatch, {2: [signal.SIGINT, signal.SIGINT]})
     config = tiny_config(num_steps=50, checkpoint_every=2, log_every=100)
     with pytest.raises(KeyboardInterrupt):
-        train_lib.train_and_evaluate(config, tmp_path)
+        training.train_and_evaluate(config, tmp_path)
     assert checkpointing.steps(tmp_path) == [2] and no_temporary_dirs(tmp_path)
     assert int(final_state(tmp_path).step) == 2
     assert "training stopped by KeyboardInterrupt. The last good checkpoint is step 2" in (
@@ -80,7 +86,7 @@ def test_an_error_in_the_loop_finishes_the_save_and_names_it(tmp_path, monkeypat
     monkeypatch.setattr(reporting, "write_samples", broken)
     config = tiny_config(num_steps=8, checkpoint_every=4, sample_every=4)
     with pytest.raises(RuntimeError, match="the grid could not be drawn"):
-        train_lib.train_and_evaluate(config, tmp_path)  # the save of step 4 was in flight
+        training.train_and_evaluate(config, tmp_path)  # the save of step 4 was in flight
     assert checkpointing.steps(tmp_path) == [4] and no_temporary_dirs(tmp_path)
     assert int(final_state(tmp_path).step) == 4
     assert "stopped by RuntimeError. The last good checkpoint is step 4 in" in caplog.text
@@ -88,10 +94,10 @@ def test_an_error_in_the_loop_finishes_the_save_and_names_it(tmp_path, monkeypat
 
 
 def test_resume_past_a_damaged_step_is_exact(tmp_path, caplog):
-    train_lib.train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=2), tmp_path)
+    training.train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=2), tmp_path)
     uninterrupted = final_state(tmp_path)
     (tmp_path / "checkpoints" / "4" / "default" / "manifest.ocdbt").unlink()
-    train_lib.train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=2), tmp_path)
+    training.train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=2), tmp_path)
     assert "checkpoints/4 is damaged" in caplog.text and "using step 2 instead" in caplog.text
     assert (tmp_path / "damaged_checkpoints" / "4" / "default").is_dir()
     jax.tree.map(np.testing.assert_array_equal, final_state(tmp_path), uninterrupted)
@@ -108,8 +114,8 @@ def test_after_sigkill_the_stale_lock_is_taken_over_and_resume_is_exact(tmp_path
     killed.wait()
     assert (tmp_path / "a" / "train.lock").exists()
     config = tiny_config(num_steps=8, checkpoint_every=2, keep_checkpoints=10)
-    train_lib.train_and_evaluate(config, tmp_path / "a")
-    train_lib.train_and_evaluate(tiny_config(num_steps=8, checkpoint_every=8), tmp_path / "b")
+    training.train_and_evaluate(config, tmp_path / "a")
+    training.train_and_evaluate(tiny_config(num_steps=8, checkpoint_every=8), tmp_path / "b")
     jax.tree.map(
         np.testing.assert_array_equal, final_state(tmp_path / "a"), final_state(tmp_path / "b")
     )
@@ -119,7 +125,7 @@ def test_a_busy_workdir_stops_a_second_run_and_loses_nothing(tmp_path, trained):
     copy_of(trained, tmp_path)
     with workdir.Lock(tmp_path):
         with pytest.raises(UserError, match=f"^workdir .* is being trained by pid {os.getpid()}"):
-            train_lib.train_and_evaluate(tiny_config(num_steps=4), tmp_path)
+            training.train_and_evaluate(tiny_config(num_steps=4), tmp_path)
         result = run_train(tmp_path, "--config.training.num_steps=4")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert (
@@ -141,7 +147,7 @@ def test_a_failed_write_is_one_line_naming_the_path_and_the_last_good_step(tmp_p
     assert "File too large" in last and "The last good checkpoint is step 2" in last
     assert len(result.stderr.splitlines()) < 30  # no pages of tracebacks
     assert checkpointing.steps(tmp_path) == [2] and int(final_state(tmp_path).step) == 2
-    train_lib.train_and_evaluate(tiny_config(num_steps=4), tmp_path)  # saves 3 again, and 4
+    training.train_and_evaluate(tiny_config(num_steps=4), tmp_path)  # saves 3 again, and 4
     assert checkpointing.steps(tmp_path) == [4, 3] and int(final_state(tmp_path).step) == 4
 
 
@@ -164,7 +170,7 @@ def test_sample_py_with_another_runs_config_fails_at_once(tmp_path, trained):
 def test_keep_checkpoints_0_fails_at_once_and_deletes_nothing(tmp_path, trained):
     copy_of(trained, tmp_path)
     with pytest.raises(UserError, match=r"^config.training.keep_checkpoints must be >= 1, got 0"):
-        train_lib.train_and_evaluate(tiny_config(num_steps=4, keep_checkpoints=0), tmp_path)
+        training.train_and_evaluate(tiny_config(num_steps=4, keep_checkpoints=0), tmp_path)
     assert checkpointing.steps(tmp_path) == [2] and int(final_state(tmp_path).step) == 2
 
 

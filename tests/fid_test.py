@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import fid_file, mnist_data_dir
 
-from ddpm_jax import config_lib, fid, inception, input_pipeline, sampling
+from ddpm_jax import config_lib, fid, images, inception, input_pipeline, sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,9 +119,9 @@ def test_dataset_statistics_sharded_and_cached(network, tmp_path, monkeypatch):
     mu, sigma, n = fid.dataset_statistics(config, network, split, tmp_path, batch_size=8)
     # Independently: the pipeline's images as uint8, the network on one device.
     ds, _ = input_pipeline.eval_dataset(config, 10, split=split)
-    images, mask, _ = next(ds.as_numpy_iterator())
+    x0, mask, _ = next(ds.as_numpy_iterator())
     assert n == 10 and mask.sum() == 10
-    feats = reference_features(network[0], sampling.to_uint8(images))
+    feats = reference_features(network[0], images.to_uint8(x0))
     np.testing.assert_allclose(mu, feats.mean(0), atol=1e-5)
     np.testing.assert_allclose(sigma, np.cov(feats.astype(np.float64), rowvar=False), atol=1e-5)
     path = fid.stats_path(tmp_path, config, split)
@@ -140,9 +140,11 @@ def test_dataset_statistics_sharded_and_cached(network, tmp_path, monkeypatch):
 def test_sample_quality_equals_the_plain_route(network, tiny_model):
     config, _, params = tiny_model
     mu, sigma = np.zeros(2048), np.eye(2048)
-    result = fid.sample_quality(config, params, network, 6, (mu, sigma), seed=3)
-    images = sampling.make_sample_fn(config)(params, jax.random.PRNGKey(3), 6)
-    feats = reference_features(network[0], images)
+    sampler = sampling.make_sample_fn(config)
+    acts = fid.SampleActivations(sampler, network)
+    result = fid.sample_quality(acts, params, 6, (mu, sigma), seed=3)
+    samples = sampler(params, jax.random.PRNGKey(3), 6)
+    feats = reference_features(network[0], samples)
     expected = fid.frechet_distance(*fid.feature_statistics(feats), mu, sigma)
     assert result["num_samples"] == 6 and "is" not in result
     np.testing.assert_allclose(result["fid"], expected, rtol=1e-5)

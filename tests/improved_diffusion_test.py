@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import config_lib, sampling, schedules
+from ddpm_jax import config_lib, reverse, schedules
 from ddpm_jax import diffusion as D
 from ddpm_jax.errors import UserError
+from ddpm_jax.spec import SamplerSpec
 
 T = 1000
 LN2 = math.log(2.0)
@@ -177,7 +178,7 @@ def test_v_chain_with_a_learned_range_against_numpy():
     rng = np.random.default_rng(5)
     x_T, zs = rng.standard_normal((3, 4, 4, 1)), rng.standard_normal((8, 3, 4, 4, 1))
     s = spec("v", "learned_range", "hybrid", clip=True)
-    got = sampling.sample_loop(sched, s, model, jnp.asarray(x_T, jnp.float32), jnp.asarray(zs))
+    got = reverse.sample_loop(sched, s, model, jnp.asarray(x_T, jnp.float32), jnp.asarray(zs))
     x = x_T
     for t in reversed(range(8)):
         v = 0.4 * x - 0.02 * t
@@ -204,12 +205,12 @@ def test_exact_v_predictor_samples_the_data_distribution():
         x0 = (x_t - jnp.sqrt(1 - ab) * eps) / jnp.sqrt(ab)
         return jnp.sqrt(ab) * eps - jnp.sqrt(1 - ab) * x0
 
-    keys = sampling.example_keys(jax.random.key(2), 4000)
-    x_T = sampling.initial_noise(keys, (2, 2, 1), 1000)
+    keys = reverse.example_keys(jax.random.key(2), 4000)
+    x_T = reverse.initial_noise(keys, (2, 2, 1), 1000)
     s_v = spec("v", "fixedsmall", "mse")
-    for eta in (None, 0.0):
+    for sampler in (SamplerSpec("ancestral"), SamplerSpec("ddim", eta=0.0)):
         run = jax.jit(
-            lambda x, eta=eta: sampling.sample_loop(sched, s_v, exact_v, x, keys, eta=eta)
+            lambda x, s=sampler: reverse.sample_loop(sched, s_v, exact_v, x, keys, sampler=s)
         )
         x0 = np.asarray(run(x_T)).ravel()
         n = x0.size
@@ -222,7 +223,7 @@ def test_respaced_learned_range_uses_the_respaced_betas():
     the original ᾱ at the kept steps; v = 0 (-1 out) is the respaced fixed-small chain."""
     sched = schedules.make_schedule("linear", num_timesteps=100, beta_end=0.05)
     model = lambda x, t: jnp.concatenate([0.3 * x, jnp.full_like(x, 0.2)], -1)
-    short, short_model = sampling.respaced(sched, model, 10)
+    short, short_model = reverse.respaced(sched, model, 10)
     kept = schedules.space_timesteps(100, 10)
     ab = np.cumprod(1 - np.linspace(1e-4, 0.05, 100))[kept]
     betas = 1 - ab / np.append(1.0, ab[:-1])
@@ -232,13 +233,13 @@ def test_respaced_learned_range_uses_the_respaced_betas():
     _, log_var = D.model_variance(short, spec(), x, t, jnp.full_like(x, 0.2))
     want = 0.6 * np.log(betas) + 0.4 * log_beta_tilde
     np.testing.assert_allclose(log_var[:, 0, 0, 0], want, rtol=1e-5)
-    keys = sampling.example_keys(jax.random.key(3), 2)
-    x_T = sampling.initial_noise(keys, (4, 4, 1), 10)
+    keys = reverse.example_keys(jax.random.key(3), 2)
+    x_T = reverse.initial_noise(keys, (4, 4, 1), 10)
     lo = lambda x, t: jnp.concatenate([0.3 * x, -jnp.ones_like(x)], -1)
-    _, lo_short = sampling.respaced(sched, lo, 10)
-    _, small_short = sampling.respaced(sched, lambda x, t: 0.3 * x, 10)
-    got = sampling.sample_loop(short, spec(clip=True), lo_short, x_T, keys)
-    want = sampling.sample_loop(
+    _, lo_short = reverse.respaced(sched, lo, 10)
+    _, small_short = reverse.respaced(sched, lambda x, t: 0.3 * x, 10)
+    got = reverse.sample_loop(short, spec(clip=True), lo_short, x_T, keys)
+    want = reverse.sample_loop(
         short, spec("eps", "fixedsmall", "mse", True), small_short, x_T, keys
     )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -248,7 +249,7 @@ def test_noise_as_function_array_and_keys_agree():
     """bpd_loop and sample_loop draw the same ε from keys, from a function of t, or from an
     array of the same draws."""
     sched = schedules.make_schedule("linear", num_timesteps=6, beta_end=0.3)
-    keys = sampling.example_keys(jax.random.key(4), 2)
+    keys = reverse.example_keys(jax.random.key(4), 2)
     x0 = (
         jnp.round(jax.random.uniform(jax.random.key(5), (2, 4, 4, 1), minval=-1, maxval=1) * 127.5)
         / 127.5
@@ -261,9 +262,9 @@ def test_noise_as_function_array_and_keys_agree():
     by_fn = D.bpd_loop(sched, s, model, x0, lambda t: table[t])
     for other in (by_array, by_fn):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), by_keys, other)
-    x_T = sampling.initial_noise(keys, (4, 4, 1), 6)
-    a = sampling.sample_loop(sched, s, model, x_T, keys)
-    np.testing.assert_allclose(a, sampling.sample_loop(sched, s, model, x_T, table), atol=1e-6)
+    x_T = reverse.initial_noise(keys, (4, 4, 1), 6)
+    a = reverse.sample_loop(sched, s, model, x_T, keys)
+    np.testing.assert_allclose(a, reverse.sample_loop(sched, s, model, x_T, table), atol=1e-6)
 
 
 def test_spec_checks_and_output_channels():

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpointing, config_lib, distributed, sampling, sharding, train_lib
+from ddpm_jax import checkpointing, config_lib, distributed, sampling, sharding, training
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -57,7 +57,7 @@ def test_two_processes_equal_one_and_checkpoint_moves_between_them(tmp_path):
     run_two_processes(tmp_path / "work", out)
     two = np.load(out)
     # One process, four devices, the same global batches.
-    trainer = train_lib.Trainer(worker.tiny_config(), tmp_path / "one")
+    trainer = training.Trainer(worker.tiny_config(), tmp_path / "one")
     state = trainer.init()
     for batch in worker.global_batches():
         state, _ = trainer.train_step(state, sharding.global_batch(batch, trainer.mesh))

@@ -15,14 +15,13 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from ddpm_jax import (  # noqa: E402
+    bound,
     checkpointing,
     config_lib,
     distributed,
-    evaluation,
     sampling,
     sharding,
-    train_lib,
-    unet,
+    training,
 )
 
 
@@ -42,14 +41,13 @@ def eval_bpd(params):
     """The bound on test[:12] (batches of 8: the second one padded)."""
     config = tiny_config()
     config.data.eval_split = "test[:12]"
-    model, sched = unet.UNet(config_lib.unet_config(config)), config_lib.make_schedule(config)
-    return evaluation.evaluate_bpd(config, model, sched, params, batch_size=8)["total_bpd"]
+    return bound.evaluate_bpd(config, config_lib.build(config), params, batch_size=8)["total_bpd"]
 
 
 def main(coordinator, process_id, workdir, out):
     distributed.initialize(coordinator, 2, process_id, timeout_s=60)
     assert jax.process_count() == 2 and jax.device_count() == 4
-    trainer = train_lib.Trainer(tiny_config(), workdir)
+    trainer = training.Trainer(tiny_config(), workdir)
     state = trainer.init()
     for batch in global_batches():
         half = batch.shape[0] // 2  # this process's rows of the global batch
@@ -71,7 +69,7 @@ def main(coordinator, process_id, workdir, out):
     loop_config = tiny_config()
     loop_config.training.update(num_steps=3, checkpoint_every=2, log_every=1)
     loop_config.eval.update(every=3, nll_batches=1, fid_samples=0)
-    train_lib.train_and_evaluate(loop_config, Path(workdir).parent / "loop")
+    training.train_and_evaluate(loop_config, Path(workdir).parent / "loop")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from conftest import mnist_data_dir
 
-from ddpm_jax import checkpointing, config_lib, train_lib
+from ddpm_jax import checkpointing, config_lib, training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_sample_notebook_runs(tmp_path, monkeypatch):
     config = config_lib.load_config(ROOT / "configs" / "tiny.py")
     config.data.data_dir = str(mnist_data_dir())
-    trainer = train_lib.Trainer(config, tmp_path)
+    trainer = training.Trainer(config, tmp_path)
     manager = checkpointing.make_manager(tmp_path)
     checkpointing.save(manager, trainer.init(), config)  # a fresh model is enough to run every cell
     manager.wait_until_finished()

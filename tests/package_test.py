@@ -65,15 +65,12 @@ class Refuse(importlib.abc.MetaPathFinder):  # a machine without TensorFlow
             raise ImportError(f"no {name} here")
 sys.meta_path.insert(0, Refuse())
 import jax, numpy as np
-from ddpm_jax import config_lib, eval_lib, evaluation, fid, sharding, train_lib, unet
-config = config_lib.load_config("tiny")
-model = unet.UNet(config_lib.unet_config(config))
-tx, mesh = train_lib.make_optimizer(config), sharding.make_mesh(jax.devices())
-init = train_lib.jit_init_state(config, model, tx, mesh)
-step = train_lib.jit_train_step(
-    config, model, config_lib.make_schedule(config), tx, mesh, jax.eval_shape(init)
-)
-x0 = np.random.default_rng(0).uniform(-1, 1, (config.training.batch_size, 8, 8, 1))
+from ddpm_jax import bound, config_lib, eval_modes, fid, sharding, train_state, training
+setup = config_lib.build(config_lib.load_config("tiny"))
+tx, mesh = train_state.make_optimizer(setup.training), sharding.make_mesh(jax.devices())
+init = train_state.jit_init_state(setup, tx, mesh)
+step = train_state.jit_train_step(setup, tx, mesh, jax.eval_shape(init))
+x0 = np.random.default_rng(0).uniform(-1, 1, (setup.training.batch_size, 8, 8, 1))
 state, metrics = step(init(), sharding.global_batch(x0.astype(np.float32), mesh))
 assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
 print("trained one step without TensorFlow")

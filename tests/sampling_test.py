@@ -8,8 +8,23 @@ import numpy as np
 import pytest
 from conftest import mnist_data_dir
 
-from ddpm_jax import checkpointing, config_lib, diffusion, sampling, schedules, unet
+from ddpm_jax import (
+    checkpointing,
+    config_lib,
+    diffusion,
+    images,
+    reverse,
+    sampling,
+    schedules,
+    training,
+)
 from ddpm_jax.errors import UserError
+from ddpm_jax.spec import SamplerSpec
+
+
+def ddim(eta):
+    return SamplerSpec("ddim", eta=eta)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,15 +50,15 @@ def toy_model_for(spec):
 @pytest.mark.parametrize("var_type", diffusion.VAR_TYPES)
 def test_scan_equals_plain_loop(mean_type, var_type):
     sched = schedules.make_schedule("linear", num_timesteps=10, beta_end=0.2)
-    keys = sampling.example_keys(jax.random.key(0), 3)
-    x_T = sampling.initial_noise(keys, (4, 4, 1), 10)
+    keys = reverse.example_keys(jax.random.key(0), 3)
+    x_T = reverse.initial_noise(keys, (4, 4, 1), 10)
     spec = S(mean_type, var_type, True)
     model = toy_model_for(spec)
-    got = jax.jit(lambda x: sampling.sample_loop(sched, spec, model, x, keys))(x_T)
+    got = jax.jit(lambda x: reverse.sample_loop(sched, spec, model, x, keys))(x_T)
     x = x_T
     for t in reversed(range(10)):
         t_b = jnp.full((3,), t)
-        z = sampling.keyed_normal(keys, t, (4, 4, 1))
+        z = reverse.keyed_normal(keys, t, (4, 4, 1))
         x = diffusion.p_sample(sched, spec, model(x, t_b), x, t_b, z)
     np.testing.assert_allclose(got, x, rtol=1e-5, atol=1e-5)
 
@@ -54,13 +69,13 @@ def test_scan_is_algorithm_2_written_out():
     betas = np.linspace(1e-4, 0.2, T)
     ab = np.cumprod(1 - betas)
     sched = schedules.make_schedule("linear", num_timesteps=T, beta_end=0.2)
-    keys = sampling.example_keys(jax.random.key(1), 2)
-    x_T = sampling.initial_noise(keys, (4, 4, 1), T)
-    got = sampling.sample_loop(sched, S("eps", "fixedlarge", False), toy_model, x_T, keys)
+    keys = reverse.example_keys(jax.random.key(1), 2)
+    x_T = reverse.initial_noise(keys, (4, 4, 1), T)
+    got = reverse.sample_loop(sched, S("eps", "fixedlarge", False), toy_model, x_T, keys)
     x = np.asarray(x_T, np.float64)
     for t in reversed(range(T)):
         eps = 0.5 * x + 0.01 * t
-        z = np.asarray(sampling.keyed_normal(keys, t, (4, 4, 1))) if t > 0 else 0.0
+        z = np.asarray(reverse.keyed_normal(keys, t, (4, 4, 1))) if t > 0 else 0.0
         x = (x - betas[t] / np.sqrt(1 - ab[t]) * eps) / np.sqrt(1 - betas[t]) + np.sqrt(
             betas[t]
         ) * z
@@ -77,12 +92,13 @@ def test_exact_predictor_samples_the_data_distribution():
         v = ab * s**2 + 1 - ab  # Var(x_t)
         return jnp.sqrt(1 - ab) * (x_t - jnp.sqrt(ab) * m) / v
 
-    keys = sampling.example_keys(jax.random.key(2), 4000)
-    x_T = sampling.initial_noise(keys, (2, 2, 1), 1000)
-    for eta in (None, 0.0):  # ancestral (Algorithm 2), and deterministic DDIM over all steps
+    keys = reverse.example_keys(jax.random.key(2), 4000)
+    x_T = reverse.initial_noise(keys, (2, 2, 1), 1000)
+    # Ancestral (Algorithm 2), and deterministic DDIM over all steps.
+    for sampler in (SamplerSpec("ancestral"), ddim(0.0)):
         run = jax.jit(
-            lambda x, eta=eta: sampling.sample_loop(
-                sched, S("eps", "fixedsmall", False), exact_eps, x, keys, eta=eta
+            lambda x, s=sampler: reverse.sample_loop(
+                sched, S("eps", "fixedsmall", False), exact_eps, x, keys, sampler=s
             )
         )
         x0 = np.asarray(run(x_T)).ravel()
@@ -108,16 +124,15 @@ def test_sample_fn_devices_chunks_and_one_trace(tiny_model):
     d = on_one(params, jax.random.PRNGKey(0), 6, output="float")
     assert d.dtype == np.float32 and -1 <= d.min() and d.max() <= 1
     # Same images on 1 device in one chunk of 6 as on 4 devices in chunks of 4.
-    np.testing.assert_allclose(sampling.to_uint8(d).astype(int), a.astype(int), atol=1)
-    assert np.mean(sampling.to_uint8(d) == a) > 0.99
+    np.testing.assert_allclose(images.to_uint8(d).astype(int), a.astype(int), atol=1)
+    assert np.mean(images.to_uint8(d) == a) > 0.99
 
 
 def test_restore_params_reads_the_ema_weights(tmp_path, tiny_model):
-    from ddpm_jax import train_lib
 
     config = tiny_model[0].copy_and_resolve_references()
     config.data.data_dir = str(mnist_data_dir())
-    trainer = train_lib.Trainer(config, tmp_path)
+    trainer = training.Trainer(config, tmp_path)
     state = trainer.init()
     state = state.replace(ema_params=jax.tree.map(lambda a: a + 1.0, state.ema_params))
     manager = checkpointing.make_manager(tmp_path)
@@ -130,33 +145,25 @@ def test_restore_params_reads_the_ema_weights(tmp_path, tiny_model):
         checkpointing.restore_params(tmp_path / "elsewhere", config)
 
 
-def test_image_grid_layout():
-    images = np.arange(5 * 2 * 2 * 1, dtype=np.uint8).reshape(5, 2, 2, 1)
-    grid = sampling.image_grid(images)
-    assert grid.shape == (4, 6, 1)  # 3 columns, 2 rows
-    np.testing.assert_array_equal(grid[2:4, 0:2], images[3])
-    np.testing.assert_array_equal(grid[0:2, 4:6], images[2])
-    assert not grid[2:4, 4:6].any()  # blank padding after the last image
-    np.testing.assert_array_equal(
-        sampling.to_uint8(jnp.array([-1.0, 0.0, 1.0, 1.5])), [0, 128, 255, 255]
-    )
-
-
 def linear10():
     return schedules.make_schedule("linear", num_timesteps=10, beta_end=0.2)
 
 
 def test_ddim_eta1_is_ancestral_and_eta0_is_deterministic():
     sched = linear10()
-    keys = sampling.example_keys(jax.random.key(3), 4)
-    x_T = sampling.initial_noise(keys, (4, 4, 1), 10)
-    ancestral = sampling.sample_loop(sched, S("eps", "fixedsmall", True), toy_model, x_T, keys)
-    ddim1 = sampling.sample_loop(sched, S("eps", "fixedsmall", True), toy_model, x_T, keys, eta=1.0)
+    keys = reverse.example_keys(jax.random.key(3), 4)
+    x_T = reverse.initial_noise(keys, (4, 4, 1), 10)
+    ancestral = reverse.sample_loop(sched, S("eps", "fixedsmall", True), toy_model, x_T, keys)
+    ddim1 = reverse.sample_loop(
+        sched, S("eps", "fixedsmall", True), toy_model, x_T, keys, sampler=ddim(1.0)
+    )
     np.testing.assert_allclose(ddim1, ancestral, rtol=1e-4, atol=1e-5)
-    other_keys = sampling.example_keys(jax.random.key(4), 4)
-    a = sampling.sample_loop(sched, S("eps", "fixedsmall", True), toy_model, x_T, keys, eta=0.0)
-    b = sampling.sample_loop(
-        sched, S("eps", "fixedsmall", True), toy_model, x_T, other_keys, eta=0.0
+    other_keys = reverse.example_keys(jax.random.key(4), 4)
+    a = reverse.sample_loop(
+        sched, S("eps", "fixedsmall", True), toy_model, x_T, keys, sampler=ddim(0.0)
+    )
+    b = reverse.sample_loop(
+        sched, S("eps", "fixedsmall", True), toy_model, x_T, other_keys, sampler=ddim(0.0)
     )
     np.testing.assert_array_equal(a, b)
     assert float(jnp.max(jnp.abs(a - ancestral))) > 1e-3
@@ -164,7 +171,7 @@ def test_ddim_eta1_is_ancestral_and_eta0_is_deterministic():
 
 def test_respacing():
     sched = schedules.make_schedule("linear")
-    short, short_model = sampling.respaced(sched, toy_model, 50)
+    short, short_model = reverse.respaced(sched, toy_model, 50)
     kept = schedules.space_timesteps(1000, 50)
     assert short.num_timesteps == 50 and kept[0] == 0 and kept[-1] == 999
     np.testing.assert_allclose(
@@ -174,40 +181,40 @@ def test_respacing():
     np.testing.assert_allclose(short_model(x, t), toy_model(x, jnp.array([0, 999])))
     # All steps kept: the very same chain.
     sched10 = linear10()
-    full, full_model = sampling.respaced(sched10, toy_model, 10)
-    keys = sampling.example_keys(jax.random.key(5), 3)
-    x_T = sampling.initial_noise(keys, (4, 4, 1), 10)
-    want = sampling.sample_loop(sched10, S("eps", "fixedlarge", True), toy_model, x_T, keys)
-    got = sampling.sample_loop(full, S("eps", "fixedlarge", True), full_model, x_T, keys)
+    full, full_model = reverse.respaced(sched10, toy_model, 10)
+    keys = reverse.example_keys(jax.random.key(5), 3)
+    x_T = reverse.initial_noise(keys, (4, 4, 1), 10)
+    want = reverse.sample_loop(sched10, S("eps", "fixedlarge", True), toy_model, x_T, keys)
+    got = reverse.sample_loop(full, S("eps", "fixedlarge", True), full_model, x_T, keys)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_progressive_snapshots():
     sched = linear10()
-    keys = sampling.example_keys(jax.random.key(6), 2)
-    x_T = sampling.initial_noise(keys, (4, 4, 1), 10)
-    x0, prog = sampling.sample_loop(
+    keys = reverse.example_keys(jax.random.key(6), 2)
+    x_T = reverse.initial_noise(keys, (4, 4, 1), 10)
+    x0, prog = reverse.sample_loop(
         sched, S("eps", "fixedsmall", True), toy_model, x_T, keys, every=5
     )
     assert prog["x_t"].shape == (2, 2, 4, 4, 1) and prog["x0_pred"].shape == (2, 2, 4, 4, 1)
     np.testing.assert_array_equal(prog["x_t"][-1], x0)
-    five = sampling.sample_loop(
+    five = reverse.sample_loop(
         sched, S("eps", "fixedsmall", True), toy_model, x_T, keys, t_start=None
     )
     np.testing.assert_allclose(five, x0, rtol=1e-6)
     # The first snapshot is the chain after 5 steps: continuing it from t=4 gives x_0.
-    rest = sampling.sample_loop(
+    rest = reverse.sample_loop(
         sched, S("eps", "fixedsmall", True), toy_model, prog["x_t"][0], keys, t_start=4
     )
     np.testing.assert_allclose(rest, x0, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="every=3"):
-        sampling.sample_loop(sched, S("eps", "fixedsmall", True), toy_model, x_T, keys, every=3)
+        reverse.sample_loop(sched, S("eps", "fixedsmall", True), toy_model, x_T, keys, every=3)
 
 
 def test_interpolation_endpoints():
     sched = linear10()
     x_a, x_b = jnp.full((4, 4, 1), -0.5), jnp.full((4, 4, 1), 0.5)
-    out = sampling.interpolate(
+    out = reverse.interpolate(
         sched, S("eps", "fixedsmall"), toy_model, x_a, x_b, 6, [0.0, 0.5, 1.0], jax.random.key(7)
     )
     assert out.shape == (3, 4, 4, 1)
@@ -218,22 +225,22 @@ def test_interpolation_endpoints():
 def test_from_shared_x_t():
     sched = linear10()
     x_t = jax.random.normal(jax.random.key(8), (4, 4, 1))
-    keys = sampling.example_keys(jax.random.key(9), 3)
-    late = sampling.from_shared_x_t(sched, S("eps", "fixedsmall"), toy_model, x_t, 6, keys)
+    keys = reverse.example_keys(jax.random.key(9), 3)
+    late = reverse.from_shared_x_t(sched, S("eps", "fixedsmall"), toy_model, x_t, 6, keys)
     assert late.shape == (3, 4, 4, 1) and float(jnp.std(late, axis=0).mean()) > 1e-3
     # From step 0 only the noiseless last step remains: every sample is the same.
-    first = sampling.from_shared_x_t(sched, S("eps", "fixedsmall"), toy_model, x_t, 0, keys)
+    first = reverse.from_shared_x_t(sched, S("eps", "fixedsmall"), toy_model, x_t, 0, keys)
     np.testing.assert_array_equal(first[0], first[1])
     np.testing.assert_array_equal(first[1], first[2])
 
 
 def test_segment_lengths_divide_the_chain():
-    assert sampling.segment_length(1000) == 50  # 20 segments
-    assert sampling.segment_length(20) == 1 and sampling.segment_length(1) == 1
-    assert sampling.segment_length(50) == 2 and sampling.segment_length(4000) == 200
-    assert sampling.segment_length(997) == 1  # a prime: one step per segment
+    assert reverse.segment_length(1000) == 50  # 20 segments
+    assert reverse.segment_length(20) == 1 and reverse.segment_length(1) == 1
+    assert reverse.segment_length(50) == 2 and reverse.segment_length(4000) == 200
+    assert reverse.segment_length(997) == 1  # a prime: one step per segment
     for n in range(1, 300):
-        k = sampling.segment_length(n)
+        k = reverse.segment_length(n)
         assert n % k == 0 and k <= -(-n // 20)
         assert all(n % j for j in range(k + 1, -(-n // 20) + 1))  # the largest such
 
@@ -246,10 +253,7 @@ def test_segmented_chain_equals_the_whole_chain(tiny_model, method, num_steps, c
     config = config.copy_and_resolve_references()
     config.sampling.update(batch_size=8, method=method, num_steps=num_steps)
     rng = jax.random.PRNGKey(11)
-    whole = sampling.sample(
-        params, rng, config=config, model=model, sched=config_lib.make_schedule(config),
-        num_samples=8,
-    )  # fmt: skip
+    whole = reverse.sample(params, rng, setup=config_lib.build(config), num_samples=8)
     sample_fn = sampling.make_sample_fn(config, progress=True)
     got = sample_fn(params, rng, 8, output="float")
     np.testing.assert_allclose(got, whole, rtol=1e-5, atol=1e-5)
@@ -278,16 +282,17 @@ def test_sample_fn_with_a_learned_variance_on_a_respaced_chain(tiny_model, metho
     config = tiny_model[0].copy_and_resolve_references()
     config.diffusion.update(mean_type="v", var_type="learned_range", loss_type="hybrid")
     config.sampling.update(num_steps=5, method=method, eta=0.0, batch_size=4)
-    model = unet.UNet(config_lib.unet_config(config))
+    setup = config_lib.build(config)
     x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
-    params = randomize(jax.jit(model.init)(jax.random.key(0), x, t)["params"], seed=2)
+    params = randomize(jax.jit(setup.model.init)(jax.random.key(0), x, t)["params"], seed=2)
     assert params["conv_out"]["kernel"].shape[-1] == 2  # mean and Σ_θ outputs
-    got = sampling.make_sample_fn(config)(params, jax.random.PRNGKey(3), 4, output="float")
-    model_fn = lambda x, t: model.apply({"params": params}, x, t)
-    short, short_model = sampling.respaced(config_lib.make_schedule(config), model_fn, 5)
-    keys = sampling.example_keys(jax.random.PRNGKey(3), 4)
-    x_T = sampling.initial_noise(keys, (8, 8, 1), 5)
-    spec = config_lib.diffusion_spec(config)
-    eta = 0.0 if method == "ddim" else None
-    want = sampling.sample_loop(short, spec, short_model, x_T, keys, eta=eta)
+    got = sampling.make_sample_fn(setup)(params, jax.random.PRNGKey(3), 4, output="float")
+    model_fn = lambda x, t: setup.model.apply({"params": params}, x, t)
+    short, short_model = reverse.respaced(setup.schedule, model_fn, 5)
+    keys = reverse.example_keys(jax.random.PRNGKey(3), 4)
+    x_T = reverse.initial_noise(keys, (8, 8, 1), 5)
+    assert setup.sampler == SamplerSpec(method, num_steps=5, eta=0.0, batch_size=4)
+    want = reverse.sample_loop(
+        short, setup.diffusion, short_model, x_T, keys, sampler=setup.sampler
+    )
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

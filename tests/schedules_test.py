@@ -96,7 +96,7 @@ def test_tables_built_in_float64_then_cast():
     np.testing.assert_array_equal(
         np.asarray(s.posterior_variance), ref["post_var"].astype(np.float32)
     )
-    # The same product accumulated in float32 drifts far more (DESIGN.md §2: ~1.7e-4 in 1 - ᾱ).
+    # The same product accumulated in float32 drifts far more (~1.7e-4 in 1 - ᾱ).
     ab32 = np.cumprod(1 - np.asarray(reference_betas("linear", 1000), np.float32))
     # 1 - ᾱ, which q(x_t|x_0) needs, comes from its own table at float32 precision.
     one_minus = np.asarray(s.sqrt_one_minus_alphas_cumprod, np.float64) ** 2

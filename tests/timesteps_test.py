@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion, sampling, schedules, timesteps
+from ddpm_jax import diffusion, reverse, schedules, timesteps
 
 
 def loop_update(losses, counts, t, values, size):
@@ -62,7 +62,7 @@ def test_weighted_bound_is_unbiased_against_bpd_loop():
         / 127.5
     )
     model = lambda x_t, t: 0.6 * x_t
-    keys = sampling.example_keys(jax.random.key(2), 4)
+    keys = reverse.example_keys(jax.random.key(2), 4)
     terms = diffusion.bpd_loop(sched, spec, model, x0, keys)["terms_bpd"].mean(0)  # L_t, (T,)
     history = timesteps.init_history(T, size=2)
     history = history.replace(

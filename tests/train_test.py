@@ -10,7 +10,7 @@ import numpy as np
 from conftest import fid_file, mnist_data_dir
 from PIL import Image
 
-from ddpm_jax import checkpointing, config_lib, train_lib
+from ddpm_jax import checkpointing, config_lib, training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def test_evaluate_py_writes_the_bound_and_fids(tmp_path):
     config = config_lib.load_config(ROOT / "configs" / "tiny.py")
     config.data.data_dir = str(mnist_data_dir())
     manager = checkpointing.make_manager(tmp_path)
-    state = train_lib.Trainer(config, tmp_path).init()
+    state = training.Trainer(config, tmp_path).init()
     checkpointing.save(manager, state.replace(step=state.step + 2), config)
     manager.wait_until_finished()
     cmd = [sys.executable, str(ROOT / "evaluate.py"), "--config", str(ROOT / "configs" / "tiny.py")]

@@ -1,4 +1,4 @@
-"""Evaluation: the variational bound (NLL) in bits/dim over a dataset split.
+"""The variational bound (NLL) in bits/dim over a dataset split.
 
 The bound (eq. 5) is computed for every example of the split over all T steps with the
 discretized decoder and the prior term, sharded over devices and processes; its per-step
@@ -6,37 +6,42 @@ terms give the rate / distortion curve of the paper's Table 4 and Fig. 5.
 """
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ddpm_jax import config_lib, diffusion, sampling, sharding
+from ddpm_jax import diffusion, sharding
+from ddpm_jax.progress import Progress
+from ddpm_jax.spec import Setup
 
 # ---- Variational bound over a split ------------------------------------------------------
 
 
-def bpd_step(params, x0, rng, labels=None, *, config, model, sched):
-    """diffusion.bpd_loop for one batch with the network of config's spec (x̂_0 clipped, as
+def bpd_step(params, x0: jax.Array, rng, labels=None, *, setup: Setup) -> dict[str, jax.Array]:
+    """diffusion.bpd_loop for one batch with the setup's network and spec (x̂_0 clipped, as
     the authors); a class model's bound is that given each example's label."""
-    spec = dataclasses.replace(config_lib.diffusion_spec(config), clip_x0=True)
-    model_fn = lambda x, t: model.apply({"params": params}, x, t, labels)
-    return diffusion.bpd_loop(sched, spec, model_fn, x0, rng)
+    spec = dataclasses.replace(setup.diffusion, clip_x0=True)
+    model_fn = lambda x, t: setup.model.apply({"params": params}, x, t, labels)  # noqa: E731
+    return diffusion.bpd_loop(setup.schedule, spec, model_fn, x0, rng)
 
 
-def jit_bpd_step(config, model, sched, mesh):
+def jit_bpd_step(setup: Setup, mesh: jax.sharding.Mesh) -> Callable:
     """(params, x0, index, rng[, labels]) -> per-example arrays, one jitted program: example
     i's noise comes from fold_in(rng, index_i)."""
 
     def fn(params, x0, index, rng, labels=None):
-        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(index)
-        return bpd_step(params, x0, keys, labels, config=config, model=model, sched=sched)
+        return bpd_step(params, x0, diffusion.example_keys(rng, index), labels, setup=setup)
 
     batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     return jax.jit(fn, in_shardings=(rep, batch, batch, rep, batch), out_shardings=batch)
 
 
-def map_split(step, config, batch_size, mesh, split=None, max_batches=None, progress=False):
+def map_split(
+    step: Callable, config, batch_size: int, mesh: jax.sharding.Mesh, split: str | None = None,
+    max_batches: int | None = None, progress: bool = False,
+) -> dict[str, np.ndarray]:  # fmt: skip
     """step(x0, index[, labels]) on every batch of `split` (default config.data.eval_split):
     x0 is the global batch (batch_size images in [-1, 1]) sharded over the mesh, index each
     row's position in the split, labels (a class model's) theirs, and step returns
@@ -52,7 +57,7 @@ def map_split(step, config, batch_size, mesh, split=None, max_batches=None, prog
     total = (
         -(-num // per_process) if max_batches is None else min(max_batches, -(-num // per_process))
     )
-    bar = sampling.Progress(total, progress, "batches", unit="batch")
+    bar = Progress(total, progress, "batches", unit="batch")
     outs, masks, indices = [], [], []
     for x0, mask, index, *labels in ds.take(total).as_numpy_iterator():
         batch = sharding.global_batch((x0, index.astype(np.int32), mask, *labels), mesh)
@@ -73,23 +78,24 @@ def map_split(step, config, batch_size, mesh, split=None, max_batches=None, prog
 
 
 def evaluate_bpd(
-    config, model, sched, params, batch_size, seed=0, devices=None, max_batches=None,
-    progress=False, step_fn=None,
-):  # fmt: skip
-    """The bound for every example of config.data.eval_split (or its first max_batches
+    config, setup: Setup, params, batch_size: int, seed: int = 0, devices=None,
+    max_batches: int | None = None, progress: bool = False, step_fn=None,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """The bound of `setup`'s model for every example of config.data.eval_split (the data
+    are the config's: map_split reads them) or its first max_batches
     batches of the global batch_size): per-example arrays (N, ...) as map_split returns.
     Example i's noise comes from fold_in(PRNGKey(seed), i): its bound does not depend on
     the batch size or the number of devices and processes. step_fn: a jit_bpd_step
     result (on the same devices) to reuse."""
     mesh = sharding.make_mesh(devices)
-    fn = step_fn or jit_bpd_step(config, model, sched, mesh)
+    fn = step_fn or jit_bpd_step(setup, mesh)
     params = jax.device_put(params, sharding.replicated(mesh))
     rng = jax.random.PRNGKey(seed)
     step = lambda x0, index, labels=None: fn(params, x0, index, rng, labels)
     return map_split(step, config, batch_size, mesh, max_batches=max_batches, progress=progress)
 
 
-def summarize_bpd(result):
+def summarize_bpd(result: dict[str, np.ndarray]) -> dict:
     """Mean and standard error of the total, the mean per-step terms, and the rate /
     distortion curve: rate(t) = L_T + Σ_{s ≥ t} L_s (bits/dim) and distortion(t) = RMSE of
     x̂_0 on the [0, 255] scale, for t = 0..T-1 (the paper's Fig. 5)."""

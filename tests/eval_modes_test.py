@@ -8,7 +8,7 @@ import pytest
 from conftest import fid_file, mnist_data_dir
 from PIL import Image
 
-from ddpm_jax import config_lib, eval_lib, plots, train_lib
+from ddpm_jax import config_lib, eval_modes, plots, training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,8 +38,8 @@ def test_rate_distortion_plot_draws_the_curves(tmp_path):
 def test_write_results_merges_and_draws(tmp_path):
     arrays = dict(rate_bpd=np.linspace(2, 0, 10), distortion_rmse=np.linspace(0, 9, 10))
     arrays["terms_bpd"] = np.ones(10)
-    eval_lib.write_results(tmp_path, 7, {"bpd": 2.5, "bpd_stderr": 0.1}, arrays)
-    eval_lib.write_results(tmp_path, 7, {"fid": 12.0})
+    eval_modes.write_results(tmp_path, 7, {"bpd": 2.5, "bpd_stderr": 0.1}, arrays)
+    eval_modes.write_results(tmp_path, 7, {"fid": 12.0})
     result = json.loads((tmp_path / "eval" / "step_7.json").read_text())
     assert result == {"bpd": 2.5, "bpd_stderr": 0.1, "fid": 12.0, "step": 7}
     np.testing.assert_array_equal(np.load(tmp_path / "eval" / "nll_step_7.npz")["terms_bpd"], 1)
@@ -50,18 +50,18 @@ def test_write_results_merges_and_draws(tmp_path):
 def test_modes_are_checked_before_any_work(tiny_model):
     config, _, params = tiny_model
     with pytest.raises(ValueError, match="modes must be among"):
-        eval_lib.check_modes(["nll", "bpd"])
+        eval_modes.check_modes(["nll", "bpd"])
     config = config.copy_and_resolve_references()
     with pytest.raises(ValueError, match="config.eval.inception_path"):
-        eval_lib.run(config, params, ["fid"], 8, 8)
+        eval_modes.run(config, config_lib.build(config), params, ["fid"], 8, 8)
     config.eval.inception_path = str(fid_file())
     with pytest.raises(ValueError, match="1008-way classifier"):
-        eval_lib.run(config, params, ["is"], 8, 8)
+        eval_modes.run(config, config_lib.build(config), params, ["is"], 8, 8)
     with pytest.raises(ValueError, match="other_split"):
-        eval_lib.run(config, params, ["fid_data"], 8, 8)
+        eval_modes.run(config, config_lib.build(config), params, ["fid_data"], 8, 8)
     config.eval.every = -1
     with pytest.raises(ValueError, match="config.eval"):
-        config_lib.check_config(config)
+        config_lib.build(config)
 
 
 def test_periodic_evaluation_during_training(tmp_path, monkeypatch):
@@ -71,14 +71,14 @@ def test_periodic_evaluation_during_training(tmp_path, monkeypatch):
     config.sampling.batch_size = 8  # the same batch shape as the data: one Inception program
     config.eval.update(every=2, fid_split="test[:8]", fid_samples=8, nll_batches=1)
     config.eval.update(inception_path=str(fid_file()), stats_dir=str(tmp_path / "stats"))
-    built, make = [], eval_lib.PeriodicEvaluator
+    built, make = [], eval_modes.PeriodicEvaluator
     monkeypatch.setattr(
-        eval_lib, "PeriodicEvaluator", lambda *a: built.append(make(*a)) or built[0]
+        eval_modes, "PeriodicEvaluator", lambda *a: built.append(make(*a)) or built[0]
     )
-    train_lib.train_and_evaluate(config, tmp_path / "work")
+    training.train_and_evaluate(config, tmp_path / "work")
     # Two evaluations, each program compiled once.
     assert built[0].bpd_fn._cache_size() == 1
-    assert built[0].activations_fn.sample_fn.segment._cache_size() == 1
+    assert built[0].activations_fn.sampler.segment._cache_size() == 1
     assert [p.name[:19] for p in (tmp_path / "stats").iterdir()] == ["mnist_test-8_8x8x1_"]
     for step in (2, 4):
         result = json.loads((tmp_path / "work" / "eval" / f"step_{step}.json").read_text())

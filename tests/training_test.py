@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from conftest import mnist_data_dir
 
-from ddpm_jax import config_lib, diffusion, input_pipeline, sharding, timesteps, train_lib
+from ddpm_jax import (
+    config_lib,
+    diffusion,
+    input_pipeline,
+    sharding,
+    timesteps,
+    train_state,
+    training,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +39,7 @@ def allclose(a, b, rtol=1e-5, atol=1e-6):
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
-    return train_lib.Trainer(tiny_config(), tmp_path_factory.mktemp("work"))
+    return training.Trainer(tiny_config(), tmp_path_factory.mktemp("work"))
 
 
 def test_one_step_golden_numbers_and_single_trace(trainer):
@@ -60,22 +68,22 @@ def test_ema_and_adam_update(trainer):
     params1 = jax.tree.map(np.array, state1.params)  # a copy: state1 is donated below
     state2, _ = trainer.train_step(state1, x0)
     allclose(params1, params0)  # the first update has lr 0 (warmup from 0): EMA_1 = θ_1
-    training = trainer.config.training
-    assert training.ema_warmup
-    d = min(training.ema_decay, 2 / 11)  # update n = 1
+    spec = trainer.setup.training
+    assert spec.ema_warmup
+    d = min(spec.ema_decay, 2 / 11)  # update n = 1
     want = jax.tree.map(lambda e, p: d * e + (1 - d) * p, params1, state2.params)
     allclose(state2.ema_params, want)
     moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), state2.params, params1)
     assert max(jax.tree.leaves(moved)) > 1e-4
     for n in (0, 1, 50, 10**5):
-        want = min(training.ema_decay, (1 + n) / (10 + n))
-        np.testing.assert_allclose(float(train_lib.ema_decay_at(training, n)), want, rtol=1e-6)
-    paper = config_lib.load_config(ROOT / "configs" / "cifar.py").training
-    assert not paper.ema_warmup and train_lib.ema_decay_at(paper, 0) == 0.9999
+        want = min(spec.ema_decay, (1 + n) / (10 + n))
+        np.testing.assert_allclose(float(train_state.ema_decay_at(spec, n)), want, rtol=1e-6)
+    paper = config_lib.build(config_lib.load_config(ROOT / "configs" / "cifar.py")).training
+    assert not paper.ema_warmup and train_state.ema_decay_at(paper, 0) == 0.9999
 
 
 def test_overfits_a_fixed_batch(tmp_path):
-    trainer = train_lib.Trainer(tiny_config(learning_rate=2e-3, warmup_steps=5), tmp_path)
+    trainer = training.Trainer(tiny_config(learning_rate=2e-3, warmup_steps=5), tmp_path)
     state, x0 = trainer.init(), sharding.global_batch(fixed_batch(seed=1), trainer.mesh)
     losses = []
     for _ in range(100):
@@ -91,7 +99,7 @@ def test_four_devices_equal_one(tmp_path):
     batches = [fixed_batch(seed=s) for s in range(3)]
     finals = []
     for devices in (jax.devices()[:1], jax.devices()):
-        trainer = train_lib.Trainer(tiny_config(), tmp_path / str(len(devices)), devices)
+        trainer = training.Trainer(tiny_config(), tmp_path / str(len(devices)), devices)
         state = trainer.init()
         for batch in batches:
             state, _ = trainer.train_step(state, sharding.global_batch(batch, trainer.mesh))
@@ -103,28 +111,28 @@ def test_four_devices_equal_one(tmp_path):
 
 
 def final_state(workdir):
-    trainer = train_lib.Trainer(tiny_config(), workdir)
+    trainer = training.Trainer(tiny_config(), workdir)
     return jax.tree.map(np.asarray, trainer.restore()[0])
 
 
 def test_resume_is_exact(tmp_path):
-    train_lib.train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=2), tmp_path / "a")
-    train_lib.train_and_evaluate(tiny_config(num_steps=8, checkpoint_every=2), tmp_path / "a")
-    train_lib.train_and_evaluate(tiny_config(num_steps=8, checkpoint_every=8), tmp_path / "b")
+    training.train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=2), tmp_path / "a")
+    training.train_and_evaluate(tiny_config(num_steps=8, checkpoint_every=2), tmp_path / "a")
+    training.train_and_evaluate(tiny_config(num_steps=8, checkpoint_every=8), tmp_path / "b")
     a, b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
     assert int(a.step) == int(b.step) == 8
     jax.tree.map(np.testing.assert_array_equal, a, b)  # params, EMA, Adam, rng: bit for bit
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    train_lib.train_and_evaluate(tiny_config(num_steps=2, checkpoint_every=2), tmp_path)
+    training.train_and_evaluate(tiny_config(num_steps=2, checkpoint_every=2), tmp_path)
     good = final_state(tmp_path)
     real = input_pipeline.train_iterator
     poisoned = lambda *a, **k: (b * np.nan for b in real(*a, **k))  # e.g. corrupt images
     monkeypatch.setattr(input_pipeline, "train_iterator", poisoned)
     config = tiny_config(num_steps=12, checkpoint_every=4, log_every=100)
-    with pytest.raises(train_lib.Diverged, match=r"The last good checkpoint is step 2 in "):
-        train_lib.train_and_evaluate(config, tmp_path)
+    with pytest.raises(training.Diverged, match=r"The last good checkpoint is step 2 in "):
+        training.train_and_evaluate(config, tmp_path)
     after = final_state(tmp_path)
     assert int(after.step) == 2
     jax.tree.map(np.testing.assert_array_equal, after, good)
@@ -143,14 +151,14 @@ def test_bad_config_fails_before_compiling(tmp_path, change, word):
     config = tiny_config()
     change(config)
     with pytest.raises(ValueError, match=word):
-        train_lib.Trainer(config, tmp_path)
+        training.Trainer(config, tmp_path)
 
 
 def test_unwritable_workdir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(ValueError, match="not writable"):
-        train_lib.Trainer(tiny_config(), blocker / "workdir")
+        training.Trainer(tiny_config(), blocker / "workdir")
 
 
 def test_sharding_helpers():
@@ -166,8 +174,7 @@ def test_sharding_helpers():
 
 def fixed_loss(trainer, params, x0):
     """The configured loss of params on x0 at every t with fixed ε: a noiseless measure."""
-    config, sched = trainer.config, trainer.sched
-    spec = config_lib.diffusion_spec(config)
+    sched, spec = trainer.setup.schedule, trainer.setup.diffusion
     T, n = sched.num_timesteps, x0.shape[0]
     t = jnp.repeat(jnp.arange(T), n)
     x0 = jnp.tile(jnp.asarray(x0), (T, 1, 1, 1))
@@ -177,7 +184,7 @@ def fixed_loss(trainer, params, x0):
 
     @jax.jit
     def loss(params):
-        out = trainer.model.apply({"params": params}, x_t, t)
+        out = trainer.setup.model.apply({"params": params}, x_t, t)
         return jnp.mean(diffusion.training_losses(sched, spec, out, x0, x_t, t, eps))
 
     return float(loss(params))
@@ -195,7 +202,7 @@ def fixed_loss(trainer, params, x0):
 def test_each_objective_overfits_a_fixed_batch(tmp_path, settings, sampler):
     config = tiny_config(learning_rate=2e-3, warmup_steps=5, timestep_sampler=sampler)
     config.diffusion.update(settings)
-    trainer = train_lib.Trainer(config, tmp_path)
+    trainer = training.Trainer(config, tmp_path)
     state, batch = trainer.init(), fixed_batch(seed=1)
     x0 = sharding.global_batch(batch, trainer.mesh)
     before = fixed_loss(trainer, state.params, batch)
@@ -218,8 +225,8 @@ def test_resume_is_exact_with_the_importance_sampler(tmp_path):
         return c
 
     for steps, every, workdir in ((8, 8, "a"), (16, 8, "a"), (16, 16, "b")):
-        train_lib.train_and_evaluate(config(steps, every), tmp_path / workdir)
-    a, b = (train_lib.Trainer(config(16, 8), tmp_path / w).restore()[0] for w in "ab")
+        training.train_and_evaluate(config(steps, every), tmp_path / workdir)
+    a, b = (training.Trainer(config(16, 8), tmp_path / w).restore()[0] for w in "ab")
     assert int(a.step) == int(b.step) == 16
     # Warm after 100 draws (step 7): the second half drew t by importance.
     assert int(a.history.counts.min()) == timesteps.HISTORY
@@ -232,5 +239,5 @@ def test_logged_metrics_are_the_means_of_the_steps_since_the_last_log():
     mesh = sharding.make_mesh(jax.devices())
     put = lambda v: jax.device_put(jnp.float32(v), sharding.replicated(mesh))  # noqa: E731
     pending = [(put(1.0), put(10.0)), (put(2.0), put(30.0)), (put(4.5), put(2.0))]
-    assert train_lib.mean_metrics(pending) == pytest.approx((2.5, 14.0), rel=1e-7)
-    assert np.isnan(train_lib.mean_metrics([(put(np.nan), put(1.0))])[0])
+    assert training.mean_metrics(pending) == pytest.approx((2.5, 14.0), rel=1e-7)
+    assert np.isnan(training.mean_metrics([(put(np.nan), put(1.0))])[0])

@@ -12,18 +12,9 @@ import os
 import jax
 import numpy as np
 
-from ddpm_jax import (
-    config_lib,
-    evaluation,
-    events,
-    fid,
-    fs,
-    inception,
-    plots,
-    sharding,
-    unet,
-)
+from ddpm_jax import bound, events, fid, fs, inception, plots, sampling, sharding
 from ddpm_jax.errors import UserError
+from ddpm_jax.spec import Setup
 
 MODES = ("nll", "fid", "is", "fid_data")
 TB_NAMES = {"bpd": "nll_bpd", "fid": "fid", "is": "inception_score"}
@@ -46,16 +37,15 @@ def check_modes(modes, network=None):
         inception.class_probabilities(network[0], np.zeros((1, 2048), np.float32))
 
 
-def nll(config, params, batch_size, max_batches=None, progress=False, devices=None, step_fn=None,
-        seed=0):  # fmt: skip
+def nll(config, setup: Setup, params, batch_size, max_batches=None, progress=False, devices=None,
+        step_fn=None, seed=0):  # fmt: skip
     """(scalars, arrays) of the bound over config.data.eval_split; example i's noise comes
     from fold_in(PRNGKey(seed), i)."""
-    model, sched = unet.UNet(config_lib.unet_config(config)), config_lib.make_schedule(config)
-    result = evaluation.evaluate_bpd(
-        config, model, sched, params, batch_size, seed=seed, devices=devices,
+    result = bound.evaluate_bpd(
+        config, setup, params, batch_size, seed=seed, devices=devices,
         max_batches=max_batches, progress=progress, step_fn=step_fn,
     )  # fmt: skip
-    summary = evaluation.summarize_bpd(result)
+    summary = bound.summarize_bpd(result)
     arrays = {k: v for k, v in summary.items() if isinstance(v, np.ndarray)}
     return {k: v for k, v in summary.items() if k not in arrays}, arrays
 
@@ -91,11 +81,11 @@ def reference_statistics(config, network, batch_size, progress=False, devices=No
     )
 
 
-def run(config, params, modes, num_samples, batch_size, max_batches=None, other_split=None,
-        seed=0, **kwargs):  # fmt: skip
-    """The asked-for modes -> (scalars, arrays). max_batches limits the bound; fid_data is
-    the FID of config.eval.fid_split against other_split (a real-data baseline); kwargs:
-    progress, devices."""
+def run(config, setup: Setup, params, modes, num_samples, batch_size, max_batches=None,
+        other_split=None, seed=0, **kwargs):  # fmt: skip
+    """The asked-for modes -> (scalars, arrays) for the model of `setup` on the data of
+    `config`. max_batches limits the bound; fid_data is the FID of config.eval.fid_split
+    against other_split (a real-data baseline); kwargs: progress, devices."""
     network = None
     if {"fid", "is", "fid_data"} & set(modes):
         network = fid.load_network(config.eval.inception_path)
@@ -104,16 +94,16 @@ def run(config, params, modes, num_samples, batch_size, max_batches=None, other_
         raise UserError("mode fid_data needs the split to compare with (--other_split)")
     scalars, arrays, reference = {}, None, None
     if "nll" in modes:
-        scalars, arrays = nll(config, params, batch_size, max_batches, seed=seed, **kwargs)
+        scalars, arrays = nll(config, setup, params, batch_size, max_batches, seed=seed, **kwargs)
     if {"fid", "fid_data"} & set(modes):
         reference = reference_statistics(config, network, batch_size, **kwargs)
         scalars["fid_reference"] = f"{config.data.dataset} {config.eval.fid_split}"
         scalars["fid_reference_examples"] = reference[2]
     if {"fid", "is"} & set(modes):
         ref = reference if "fid" in modes else None
-        scalars.update(
-            fid.sample_quality(config, params, network, num_samples, ref, seed, **kwargs)
-        )
+        sampler = sampling.Sampler(setup, kwargs.get("devices"), kwargs.get("progress", False))
+        acts = fid.SampleActivations(sampler, network)
+        scalars.update(fid.sample_quality(acts, params, num_samples, ref, seed))
     if "fid_data" in modes:
         mu, sigma, n = fid.dataset_statistics(
             config, network, other_split, stats_dir(config), batch_size, **kwargs
@@ -129,8 +119,8 @@ class PeriodicEvaluator:
     when config.eval.inception_path is set). The reference statistics are read or
     computed when the evaluator is built, before training starts."""
 
-    def __init__(self, config, workdir, devices=None):
-        self.config, self.workdir, self.devices = config, workdir, devices
+    def __init__(self, config, setup: Setup, workdir, devices=None):
+        self.config, self.setup, self.workdir, self.devices = config, setup, workdir, devices
         e = config.eval
         self.modes = (["nll"] if e.nll_batches else []) + (["fid"] if e.fid_samples else [])
         if "fid" in self.modes and not e.inception_path:
@@ -142,32 +132,26 @@ class PeriodicEvaluator:
             input_pipeline.check_dataset(config, config.data.eval_split)
         self.network = self.reference = self.bpd_fn = self.activations_fn = None
         if "nll" in self.modes:  # the jitted functions are built once, for every evaluation
-            model = unet.UNet(config_lib.unet_config(config))
-            mesh = sharding.make_mesh(devices)
-            self.bpd_fn = evaluation.jit_bpd_step(
-                config, model, config_lib.make_schedule(config), mesh
-            )
+            self.bpd_fn = bound.jit_bpd_step(setup, sharding.make_mesh(devices))
         if "fid" in self.modes:
             self.network = fid.load_network(e.inception_path)
             self.reference = reference_statistics(
                 config, self.network, e.batch_size, False, devices
             )
-            self.activations_fn = fid.make_sample_activations(config, self.network, devices)
+            sampler = sampling.Sampler(setup, devices)
+            self.activations_fn = fid.SampleActivations(sampler, self.network)
 
     def __call__(self, ema_params, step):
         """Evaluates and writes the results; returns the scalars."""
         e, scalars, arrays = self.config.eval, {}, None
         if "nll" in self.modes:
             scalars, arrays = nll(
-                self.config, ema_params, e.batch_size, e.nll_batches, devices=self.devices,
-                step_fn=self.bpd_fn,
+                self.config, self.setup, ema_params, e.batch_size, e.nll_batches,
+                devices=self.devices, step_fn=self.bpd_fn,
             )  # fmt: skip
         if "fid" in self.modes:
             scalars.update(
-                fid.sample_quality(
-                    self.config, ema_params, self.network, e.fid_samples, self.reference,
-                    activations_fn=self.activations_fn,
-                )
-            )  # fmt: skip
+                fid.sample_quality(self.activations_fn, ema_params, e.fid_samples, self.reference)
+            )
         write_results(self.workdir, step, scalars, arrays)
         return scalars
