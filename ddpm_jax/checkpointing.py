@@ -39,7 +39,12 @@ SHAPING = dict(
 
 
 class Damaged(Exception):
-    """A step whose arrays do not match their fingerprint."""
+    """A step that cannot be used: its arrays do not match their fingerprint or are not
+    finite, its record is not one, or it holds another step than its name says."""
+
+
+class NonFinite(UserError):
+    """A train state with NaN or ±inf values: never saved, never read as good."""
 
 
 # Reading a damaged step raises many kinds of error (orbax even raises a bare Exception);
@@ -141,43 +146,65 @@ def _words(x):
 
 @jax.jit
 def _sums(x):
-    """[Σ w, Σ i·w] mod 2^32 over the uint32 words w_i of one array: one small program per
-    shape and dtype (a train state has few), not one large program over every leaf."""
+    """[Σ w, Σ i·w] mod 2^32 over the uint32 words w_i of one array, and its number of
+    non-finite values: one small program per shape and dtype (a train state has few), not
+    one large program over every leaf."""
     w = _words(x)
     i = jnp.arange(1, w.size + 1, dtype=jnp.uint32)
-    return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(i * w, dtype=jnp.uint32)])
+    bad = jnp.sum(~jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else 0
+    return jnp.stack(
+        [jnp.sum(w, dtype=jnp.uint32), jnp.sum(i * w, dtype=jnp.uint32), jnp.uint32(bad)]
+    )
+
+
+def summarize(tree):
+    """(fingerprint, non-finite): {leaf path: [Σ w, Σ i·w] mod 2^32 over the leaf's uint32
+    words w_i} (a changed bit changes the first sum, two swapped words the second) and the
+    paths of the leaves holding NaN or ±inf. Computed where the arrays are, fetched in one
+    transfer."""
+    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(tree)[0], strict=True)
+    sums = jax.device_get([_sums(x).addressable_data(0) for x in leaves])
+    names = [jax.tree_util.keystr(p, simple=True, separator="/") for p in paths]
+    prints = {name: [int(a), int(b)] for name, (a, b, _) in zip(names, sums, strict=True)}
+    return prints, [name for name, s in zip(names, sums, strict=True) if s[2]]
 
 
 def fingerprint(tree):
-    """{leaf path: [Σ w, Σ i·w] mod 2^32 over the leaf's uint32 words w_i}: a changed bit
-    changes the first sum, two swapped words the second. Computed where the arrays are,
-    fetched in one transfer."""
-    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(tree)[0], strict=True)
-    sums = jax.device_get([_sums(x).addressable_data(0) for x in leaves])
-    return {
-        jax.tree_util.keystr(p, simple=True, separator="/"): [int(a), int(b)]
-        for p, (a, b) in zip(paths, sums, strict=True)
-    }
+    """The fingerprint of summarize(tree)."""
+    return summarize(tree)[0]
+
+
+def _listed(names):
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
 
 
 def verify(tree, record):
-    """Raise Damaged naming the arrays of tree that do not match the record's fingerprint."""
-    expected = record["fingerprint"]
-    bad = [k for k, v in fingerprint(tree).items() if expected.get(k) != v]
+    """Raise Damaged naming the arrays of tree that do not match the record's fingerprint
+    (record None: not checked) or that are not finite."""
+    prints, nonfinite = summarize(tree)
+    bad = [k for k, v in prints.items() if record is not None and record["fingerprint"].get(k) != v]
     if bad:
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise Damaged(f"arrays differ from their fingerprint: {', '.join(bad[:3])}{more}")
+        raise Damaged(f"arrays differ from their fingerprint: {_listed(bad)}")
+    if nonfinite:
+        raise Damaged(f"arrays hold NaN or inf: {_listed(nonfinite)}")
 
 
 def save(manager, state, config, force=False):
     """Start saving `state` at its step (asynchronously) with its record; returns whether a
     save started."""
     tree, step = as_dict(state), int(state.step)
+    prints, nonfinite = summarize(tree)
+    if nonfinite:
+        raise NonFinite(
+            f"the train state of step {step} holds NaN or inf ({_listed(nonfinite)}): it was "
+            "not saved. Lower config.training.learning_rate or check the data."
+        )
     record = dict(
         step=step,
         settings=settings(config),
         config=json.loads(config.to_json_best_effort()),
-        fingerprint=fingerprint(tree),
+        fingerprint=prints,
     )
     args = ocp.args.Composite(default=ocp.args.PyTreeSave(tree), record=ocp.args.JsonSave(record))
     return manager.save(step, args=args, force=force)
@@ -187,10 +214,29 @@ def save(manager, state, config, force=False):
 
 
 def read_record(directory):
-    """The record of a step directory, or None for a step written without one."""
+    """The record of a step directory, or None for a step written without one; Damaged if
+    it is not a record of that step."""
     if not (directory / "record").exists():
         return None
-    return json.loads((directory / "record" / "metadata").read_text())
+    try:
+        record = json.loads((directory / "record" / "metadata").read_text())
+    except ValueError as e:
+        raise Damaged(f"its record is not JSON ({e})") from None
+    if not _is_record(record):
+        raise Damaged("its record is not a checkpoint record (step, settings, fingerprint)")
+    if record["step"] != int(directory.name):
+        raise Damaged(f"it holds step {record['step']}, not {directory.name}")
+    return record
+
+
+def _is_record(record):
+    """Whether a JSON value has the shape save() writes."""
+    if not isinstance(record, dict) or type(record.get("step")) is not int:
+        return False
+    fields = record.get("settings"), record.get("fingerprint")
+    if not all(isinstance(f, dict) for f in fields):
+        return False
+    return all(isinstance(v, list) and len(v) == 2 for v in record["fingerprint"].values())
 
 
 def check_settings(record, config, directory):
@@ -210,16 +256,19 @@ def _read_step(directory, config, read):
         check_settings(record, config, directory)
     tree = read(directory / "default")
     if record is None:
-        logging.warning("%s has no record: its settings and arrays are not checked", directory)
-    else:
-        verify(tree, record)
+        logging.warning("%s has no record: its settings and fingerprint are not checked", directory)
+    if "step" in tree and int(tree["step"]) != int(directory.name):
+        raise Damaged(f"it holds step {int(tree['step'])}, not {directory.name}")
+    verify(tree, record)
     return tree
 
 
 def _reason(error):
-    """The first line of the error at the root of the chain (orbax wraps TensorStore's)."""
-    while (error.__cause__ or error.__context__) is not None:
-        error = error.__cause__ or error.__context__
+    """The first line of the error at the root of the chain (orbax wraps TensorStore's),
+    as far as the chain is shown (not past `raise ... from None`)."""
+    shown = lambda e: e.__cause__ or (None if e.__suppress_context__ else e.__context__)  # noqa: E731
+    while shown(error) is not None:
+        error = shown(error)
     lines = str(error).strip().splitlines() or [""]
     return f"{type(error).__name__}: {lines[0][:300]}"
 
@@ -277,8 +326,9 @@ def _newest_good(workdir, config, read, quarantine=False, only=None):
     return None, None
 
 
-def _check_shapes(stored, target, directory):
-    """UserError unless the stored arrays (orbax metadata) have target's shapes."""
+def _check_shapes(stored, target, what):
+    """UserError unless the stored arrays (orbax metadata) have target's shapes; `what`
+    names them ("checkpoint DIR")."""
     wanted = jax.tree_util.tree_flatten_with_path(target)[0]
     shapes = [tuple(m.shape) for m in jax.tree.leaves(stored)]
     differ = [
@@ -290,7 +340,7 @@ def _check_shapes(stored, target, directory):
     if differ or len(shapes) != len(wanted):
         example = differ[0] if differ else f"{len(shapes)} arrays stored, {len(wanted)} here"
         raise UserError(
-            f"checkpoint {directory.parent} holds another network than this config builds "
+            f"{what} hold another network than this config builds "
             f"({example}); use the config the run was trained with, or a fresh --workdir"
         )
 
@@ -306,7 +356,8 @@ def _stored_tree(checkpointer, directory):
 def _restore(directory, target):
     """Orbax's StandardRestore of directory into target, after checking the shapes."""
     with ocp.StandardCheckpointer() as checkpointer:
-        _check_shapes(_stored_tree(checkpointer, directory), target, directory)
+        what = f"the arrays of checkpoint {directory.parent}"
+        _check_shapes(_stored_tree(checkpointer, directory), target, what)
         return checkpointer.restore(directory, target)
 
 
@@ -359,6 +410,11 @@ def restore_params(workdir, config, ema=True, step=None, sharding=None):
     """(params, step): the (EMA) parameters of the newest good checkpoint in `workdir` (or of
     `step`), placed with `sharding` (default: the first local device). Nothing else is read.
     Raises UserError if the checkpoint's settings differ from `config`."""
+    if not hasattr(config, "model"):
+        raise UserError(
+            "restore_params(workdir, config) needs the config the run was trained with, e.g. "
+            f"config_lib.load_config('mnist'); got {config!r}"
+        )
     key = "ema_params" if ema else "params"
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     read = lambda directory: _read_params(directory, key, sharding)  # noqa: E731
@@ -370,10 +426,19 @@ def restore_params(workdir, config, ema=True, step=None, sharding=None):
     return tree[key], found
 
 
-def restore_converted(directory):
-    """Parameters saved by `python -m ddpm_jax.convert` (a plain orbax pytree)."""
+def restore_converted(directory, expected=None):
+    """Parameters saved by `python -m ddpm_jax.convert` (a plain orbax pytree), checked
+    against the shapes of `expected` (e.g. convert.expected_params(setup)) when given."""
     directory = fs.as_path(directory)
-    if not directory.is_dir():
-        raise UserError(f"no converted parameters at {directory}")
+    if (directory / "checkpoints").is_dir():
+        raise UserError(f"{directory} is a training workdir: pass it as --workdir, not --params")
+    if not (directory / "_METADATA").is_file():
+        raise UserError(
+            f"no converted parameters at {directory} (no orbax _METADATA there); write them "
+            f"with python -m ddpm_jax.convert --checkpoint ... --config ... --out {directory}"
+        )
     with ocp.StandardCheckpointer() as checkpointer:
+        if expected is not None:
+            stored = _stored_tree(checkpointer, directory)
+            _check_shapes(stored, expected, f"the converted parameters {directory}")
         return checkpointer.restore(directory)

@@ -31,11 +31,16 @@ from ddpm_jax import (
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.errors import UserError, file_system_error
 
+# Steps the host may dispatch ahead of the devices: enough to keep them busy, few enough
+# that a stop signal is saved within about MAX_AHEAD + 1 steps of when it came.
+MAX_AHEAD = 2
+
 
 class StopSignals:
     """SIGTERM, SIGHUP (a closed terminal) and a first Ctrl-C (SIGINT) become a flag the loop
     checks, so that it saves a checkpoint and stops cleanly. A second Ctrl-C stops at once
-    (KeyboardInterrupt), after the save in flight is finished."""
+    (KeyboardInterrupt), after the save in flight is finished. A signal that was ignored when
+    the run started (SIGHUP under nohup) stays ignored."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
@@ -45,7 +50,8 @@ class StopSignals:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            handled = [s for s in self.SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+            self._previous = {s: signal.signal(s, self._handle) for s in handled}
         return self
 
     def _handle(self, signum, frame):
@@ -135,20 +141,27 @@ def _should_stop(signals, step, log_every):
     return bool(jnp.any(votes))
 
 
-def _lock(path):
-    """Lock the workdir for this process group: process 0 holds the lock, and if it cannot,
-    every process stops with its message."""
-    lock, error = workdir_lib.Lock(path), ""
+def _on_process_0(fn, what):
+    """fn() on process 0, which holds the workdir lock; if it raises a UserError, every
+    process raises one (`what` failed on process 0)."""
+    error = ""
     if jax.process_index() == 0:
         try:
-            lock.acquire()
+            fn()
         except UserError as e:
             error = str(e)
     if jax.process_count() > 1:
         failed = multihost_utils.broadcast_one_to_all(jnp.int32(bool(error)))
-        error = error or ("process 0 could not lock the workdir" if int(failed) else "")
+        error = error or (f"{what} failed on process 0" if int(failed) else "")
     if error:
         raise UserError(error)
+
+
+def _lock(path):
+    """Lock the workdir for this process group: process 0 holds the lock, and if it cannot,
+    every process stops with its message."""
+    lock = workdir_lib.Lock(path)
+    _on_process_0(lock.acquire, "locking the workdir")
     return lock
 
 
@@ -218,6 +231,7 @@ def _end_of_step(run, state, step, last):
     """Checkpoint, sample grid and evaluation due after `step`."""
     config, t = run.trainer.config, run.trainer.config.training
     if step % t.checkpoint_every == 0 or last:
+        _on_process_0(run.lock.check, "checking the workdir lock")  # still ours: write
         checkpointing.save(run.manager, state, config, force=True)
     if run.sample_fn is not None and step % t.sample_every == 0:
         reporting.write_samples(
@@ -248,6 +262,10 @@ def _train(run, state, signals):
         if step == start + 1:  # compiled and run: the clocks start now
             run.reporter.begin(int(state.step))
         pending.append((metrics["loss"], metrics["grad_norm"]))  # no host work per step
+        if len(pending) > MAX_AHEAD:  # the host stays at most MAX_AHEAD steps ahead
+            pending[-MAX_AHEAD - 1][0].block_until_ready()
+        if jax.process_count() == 1 and run.lock.lost is not None:
+            run.lock.check()  # the heartbeat found the lock taken over: stop before writing
         stop = _should_stop(signals, step, t.log_every)
         last = step == t.num_steps or stop
         if step % t.log_every == 0 or last or step % t.checkpoint_every == 0:

@@ -2,10 +2,13 @@
 a run that created it wrote nothing, and locked so that one training run writes it at a time.
 
 The lock is `workdir/train.lock` (JSON: host, pid, start time), whose modification time a
-daemon thread refreshes every HEARTBEAT_S seconds. A lock is stale, and is taken over with
-a warning, when that heartbeat is older than STALE_S or when its holder was a process of
-this host that no longer exists (a killed run). Otherwise the second run stops at once
-with a message naming the holder.
+daemon thread refreshes every HEARTBEAT_S seconds. A lock of this host is stale, and is
+taken over with a warning, exactly when its process no longer exists (a killed run): a
+live process keeps it however long it is silent (a run suspended with Ctrl-Z). A lock of
+another host is stale when its heartbeat is older than STALE_S. Otherwise the second run
+stops at once with a message naming the holder. A run whose lock was taken over all the
+same (another host judged it silent) finds out at its next heartbeat or save, and stops
+without writing anything more (`Lock.check`).
 """
 
 import json
@@ -72,6 +75,7 @@ class Lock:
         self.holder = dict(host=socket.gethostname(), pid=os.getpid(), since=time.time())
         self._stop = threading.Event()
         self._thread = None
+        self.lost = None  # the holder that took the lock over, once this run has lost it
 
     def _read(self):
         """(holder dict or None if unreadable, seconds since its last heartbeat)."""
@@ -83,24 +87,30 @@ class Lock:
         except (OSError, ValueError):  # being written, or damaged: judged by its age alone
             return None, age
 
+    def _same_host(self, holder):
+        return isinstance(holder, dict) and holder.get("host") == self.holder["host"]
+
     def _is_stale(self, holder, age):
-        if age > STALE_S:
-            return True
-        return (
-            bool(holder)
-            and holder.get("host") == self.holder["host"]
-            and (not _process_exists(holder.get("pid", -1)))
-        )
+        if self._same_host(holder):  # a live process keeps its lock, even if suspended
+            return not _process_exists(holder.get("pid", -1))
+        return age > STALE_S
 
     def _busy_message(self, holder, age):
         who = "another run"
-        if holder:
+        if isinstance(holder, dict):
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
             who = f"pid {holder.get('pid')} on host {holder.get('host')} (since {since})"
+        if self._same_host(holder):
+            alive = "a live process of this host (if it is suspended, resume it with fg or stop it)"
+            expiry = "is taken over once that process is gone"
+        else:
+            alive, expiry = (
+                f"alive {age:.0f} s ago",
+                f"expires {STALE_S:.0f} s after its last heartbeat",
+            )
         return (
-            f"workdir {str(self.path.parent)!r} is being trained by {who}, alive "
-            f"{age:.0f} s ago; stop that run first, or use another --workdir. If it is gone, "
-            f"its lock {self.path} expires {STALE_S:.0f} s after its last heartbeat"
+            f"workdir {str(self.path.parent)!r} is being trained by {who}, {alive}; stop that "
+            f"run first, or use another --workdir. If it is gone, its lock {self.path} {expiry}"
         )
 
     def _create(self):
@@ -132,8 +142,31 @@ class Lock:
             return self
         raise UserError(f"could not lock {self.path}: other runs keep taking it")
 
+    def _taken_over(self):
+        """Whether another run holds the lock now (then kept in self.lost); a lock that is
+        being written (unreadable) is given the benefit of the doubt."""
+        if self.lost is None:
+            holder, age = self._read()
+            if age == float("inf") or (isinstance(holder, dict) and holder != self.holder):
+                self.lost = holder or {}
+        return self.lost is not None
+
+    def check(self):
+        """Raise UserError if this run's lock was taken over (it must not write)."""
+        if self._thread is not None and self._taken_over():
+            who = "another run"
+            if self.lost:
+                who = f"pid {self.lost.get('pid')} on host {self.lost.get('host')}"
+            raise UserError(
+                f"the lock {self.path} of this run was taken over by {who} "
+                "while this run was silent (suspended, or cut off): it stopped without writing "
+                "more. Let one run go on: stop the other, then start this command again"
+            )
+
     def _beat(self):
         while not self._stop.wait(HEARTBEAT_S):
+            if self._taken_over():
+                return  # never refresh (or, in a bucket, overwrite) another run's lock
             try:
                 if fs.is_local(self.path):
                     os.utime(str(self.path))

@@ -17,7 +17,13 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import mnist_data_dir
 
-from ddpm_jax import checkpointing, config_lib, sharding, training, workdir
+from ddpm_jax import (
+    checkpointing,
+    config_lib,
+    sharding,
+    training,
+    workdir,
+)
 from ddpm_jax.errors import UserError, file_system_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +165,17 @@ def flip_a_bit(step_dir):
     path.write_bytes(bytes(data))
 
 
+def rewrite_record(step_dir, change):
+    path = step_dir / "record" / "metadata"
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+def copy_of_step_2(step_dir):
+    """The directory of step 4 replaced by a copy of step 2 (a step misnamed by hand)."""
+    shutil.rmtree(step_dir)
+    shutil.copytree(step_dir.parent / "2", step_dir)
+
+
 DAMAGE = {
     "truncated array file": lambda d: os.truncate(
         largest_array_file(d), largest_array_file(d).stat().st_size // 2
@@ -169,6 +186,12 @@ DAMAGE = {
     "missing record": lambda d: (d / "record" / "metadata").unlink(),
     "bit flip": flip_a_bit,
     "empty step dir": lambda d: shutil.rmtree(d) or d.mkdir(),
+    "empty record": lambda d: (d / "record" / "metadata").write_text(""),
+    "zeroed record": lambda d: (d / "record" / "metadata").write_bytes(bytes(64)),
+    "record a list": lambda d: rewrite_record(d, lambda r: []),
+    "record settings a string": lambda d: rewrite_record(d, lambda r: dict(r, settings="x")),
+    "record without a fingerprint": lambda d: rewrite_record(d, lambda r: dict(r, fingerprint=1)),
+    "a copy of step 2 named 4": copy_of_step_2,
 }
 
 
@@ -187,15 +210,65 @@ def test_a_damaged_step_is_skipped_named_and_moved_aside(tmp_path, fresh, two_st
     assert (tmp_path / "damaged_checkpoints" / "4").is_dir()  # kept, out of the way
 
 
-def test_sampling_falls_back_and_moves_nothing(tmp_path, fresh, two_steps, caplog):
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("missing _METADATA", "Damaged: no array metadata"),
+        ("record a list", "Damaged: its record is not a checkpoint record"),
+        ("zeroed record", "Damaged: its record is not JSON"),
+        ("a copy of step 2 named 4", "Damaged: it holds step 2, not 4"),
+    ],
+)
+def test_sampling_falls_back_and_moves_nothing(tmp_path, fresh, two_steps, caplog, kind, reason):
     copy(two_steps, tmp_path)
-    (tmp_path / "checkpoints" / "4" / "default" / "_METADATA").unlink()
+    DAMAGE[kind](tmp_path / "checkpoints" / "4")
     caplog.set_level(logging.WARNING)
     params, step = checkpointing.restore_params(tmp_path, tiny_config())
     assert step == 2 and step_of(params, fresh) == 2
-    assert "checkpoints/4 is damaged (Damaged: no array metadata" in caplog.text
+    assert f"checkpoints/4 is damaged ({reason}" in caplog.text
     assert "left where it is" in caplog.text
     assert checkpointing.steps(tmp_path) == [4, 2]  # reading moves nothing
+
+
+def save_unchecked(path, state, config):
+    """A step saved as save() did before it checked finiteness (its record and fingerprint
+    made of what it holds, NaN included)."""
+    tree = checkpointing.as_dict(state)
+    record = dict(
+        step=int(state.step),
+        settings=checkpointing.settings(config),
+        config={},
+        fingerprint=checkpointing.fingerprint(tree),
+    )
+    manager = checkpointing.make_manager(path, keep=10, async_save=False)
+    default = ocp.args.PyTreeSave(tree)
+    manager.save(
+        int(state.step), args=ocp.args.Composite(default=default, record=ocp.args.JsonSave(record))
+    )
+    manager.close()
+
+
+def test_non_finite_states_are_never_saved_nor_read_as_good(tmp_path, fresh, two_steps, caplog):
+    """save() refuses a state with NaN or inf and writes nothing; a step saved with a NaN
+    EMA before that check (by earlier code) is damage: sampling skips it, resuming moves it
+    aside, and both use step 2."""
+    copy(two_steps, tmp_path)
+    nan_ema = jax.tree.map(lambda a: a * jnp.nan, fresh.ema_params)
+    bad = fresh.replace(step=jnp.int32(6), ema_params=nan_ema)
+    manager = checkpointing.make_manager(tmp_path, keep=1)
+    with pytest.raises(checkpointing.NonFinite, match=r"^the train state of step 6 holds NaN"):
+        checkpointing.save(manager, bad, tiny_config())
+    manager.close()
+    assert checkpointing.steps(tmp_path) == [4, 2]  # nothing written, nothing rotated away
+    save_unchecked(tmp_path, bad, tiny_config())
+    caplog.set_level(logging.WARNING)
+    params, step = checkpointing.restore_params(tmp_path, tiny_config())
+    assert (
+        step == 4
+        and "checkpoints/6 is damaged (Damaged: arrays hold NaN or inf: ema_params/" in caplog.text
+    )
+    state = training.Trainer(tiny_config(), tmp_path).restore_or_init()
+    assert int(state.step) == 4 and (tmp_path / "damaged_checkpoints" / "6").is_dir()
 
 
 def test_every_step_damaged_is_an_error_that_keeps_them(tmp_path, two_steps):
@@ -256,3 +329,53 @@ def test_stale_locks_are_taken_over(tmp_path):
     (tmp_path / "train.lock").write_text(json.dumps(dict(holder, host="elsewhere")))
     with pytest.raises(UserError, match="on host elsewhere"):  # another host's, alive
         lock.acquire()
+
+
+def test_a_suspended_run_of_this_host_keeps_its_lock(tmp_path, monkeypatch):
+    """A live process of this host keeps its lock however long its heartbeat is silent
+    (Ctrl-Z stops the heartbeat too); the second run is told how to resume it."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder = dict(host=workdir.Lock(tmp_path).holder["host"], pid=sleeper.pid, since=0)
+        (tmp_path / "train.lock").write_text(json.dumps(holder))
+        old = time.time() - workdir.STALE_S - 1
+        os.utime(tmp_path / "train.lock", (old, old))  # silent for longer than STALE_S
+        with pytest.raises(UserError, match=f"pid {sleeper.pid} on host .* a live process"):
+            workdir.Lock(tmp_path).acquire()
+        assert json.loads((tmp_path / "train.lock").read_text())["pid"] == sleeper.pid
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with workdir.Lock(tmp_path):  # gone: taken over at once
+        assert json.loads((tmp_path / "train.lock").read_text())["pid"] == os.getpid()
+
+
+def test_a_run_whose_lock_was_taken_over_stops_and_leaves_it(tmp_path):
+    lock = workdir.Lock(tmp_path).acquire()
+    lock.check()  # ours
+    other = dict(host="elsewhere", pid=4242, since=1.0)
+    (tmp_path / "train.lock").write_text(json.dumps(other))  # another host took it over
+    with pytest.raises(UserError, match="taken over by pid 4242 on host elsewhere"):
+        lock.check()
+    lock.release()
+    assert json.loads((tmp_path / "train.lock").read_text()) == other  # left to its holder
+
+
+def test_restore_params_needs_the_config(two_steps):
+    with pytest.raises(UserError, match=r"needs the config the run was trained with.*got None"):
+        checkpointing.restore_params(two_steps, None)
+
+
+def test_restore_converted_refuses_what_is_not_converted_parameters(tmp_path, two_steps, fresh):
+    with pytest.raises(UserError, match="is a training workdir: pass it as --workdir"):
+        checkpointing.restore_converted(two_steps)
+    with pytest.raises(UserError, match="no converted parameters at .* python -m ddpm_jax.convert"):
+        checkpointing.restore_converted(tmp_path)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "params", fresh.params)
+    expected = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), fresh.params)
+    restored = checkpointing.restore_converted(tmp_path / "params", expected)
+    jax.tree.map(np.testing.assert_array_equal, restored, fresh.params)
+    expected["conv_in"]["kernel"] = jax.ShapeDtypeStruct((3, 3, 1, 64), jnp.float32)
+    with pytest.raises(UserError, match="the converted parameters .* hold another network"):
+        checkpointing.restore_converted(tmp_path / "params", expected)

@@ -3,6 +3,7 @@ damaged latest checkpoint, a busy workdir, a full disk, another run's config (ti
 CPU). Each case asserts the exit (status or exception), the message's first line, and that
 the checkpoints that existed before are still there and restorable."""
 
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from train_test import ROOT, run_train, train_command
@@ -186,3 +188,92 @@ def test_evaluate_py_refuses_a_zero_batch_before_any_work(tmp_path, trained):
         .startswith("error: eval.batch_size=0 must be a positive multiple of the number of devices")
     )
     assert not (tmp_path / "eval").exists()  # nothing was evaluated or written
+
+
+def test_a_run_whose_lock_is_taken_over_stops_before_its_next_save(tmp_path, monkeypatch):
+    """Another host takes the lock over (it judged this run silent): the run stops at its
+    next save without writing it, and leaves the other run's lock in place."""
+    other = dict(host="elsewhere", pid=4242, since=1.0)
+    real = input_pipeline.train_iterator
+
+    def batches(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == 3:
+                (tmp_path / "train.lock").write_text(json.dumps(other))
+            yield batch
+
+    monkeypatch.setattr(input_pipeline, "train_iterator", batches)
+    config = tiny_config(num_steps=8, checkpoint_every=2, keep_checkpoints=10)
+    with pytest.raises(UserError, match="taken over by pid 4242 on host elsewhere.*step 2"):
+        training.train_and_evaluate(config, tmp_path)
+    assert checkpointing.steps(tmp_path) == [2]  # step 4 was not written
+    assert json.loads((tmp_path / "train.lock").read_text()) == other
+
+
+def test_under_nohup_sighup_is_ignored(tmp_path, monkeypatch):
+    signalling(monkeypatch, {1: [signal.SIGHUP]})
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup starts a run
+    try:
+        state = training.train_and_evaluate(tiny_config(num_steps=4), tmp_path)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert int(state.step) == 4 and checkpointing.steps(tmp_path)[0] == 4
+
+
+def test_the_host_stays_at_most_max_ahead_steps_ahead(tmp_path, monkeypatch):
+    """When step n is dispatched, step n - MAX_AHEAD - 1 has finished: a stop signal waits
+    for at most MAX_AHEAD steps of device work before its save."""
+    behind, real_init = [], training.Trainer.__init__
+    a = jnp.full((256, 256), 1e-3)
+    # ~20 ms of device work per step that depends on the loss: the host could run ahead.
+    slow = jax.jit(lambda x: x + 0 * jnp.sum(jnp.linalg.matrix_power(a * (1 + 0 * x), 64)))
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        step, done = self.train_step, []
+
+        def watched(state, batch):
+            k = training.MAX_AHEAD + 1
+            behind.append(sum(not m.is_ready() for m in done[:-k]) if len(done) > k else 0)
+            state, metrics = step(state, batch)
+            metrics = dict(metrics, loss=slow(metrics["loss"]))  # a device slower than the host
+            done.append(metrics["loss"])
+            return state, metrics
+
+        self.train_step = watched
+
+    monkeypatch.setattr(training.Trainer, "__init__", init)
+    config = tiny_config(num_steps=40, checkpoint_every=100, log_every=100)
+    training.train_and_evaluate(config, tmp_path)
+    assert len(behind) == 40 and max(behind) == 0
+
+
+def test_a_step_with_a_nan_ema_is_not_saved_and_the_last_good_one_is_kept(
+    tmp_path, trained, monkeypatch
+):
+    """A resumed run whose EMA turns NaN while its loss is still finite (what an update of
+    an inf learning rate does): that step is not saved, the error names step 2 as the last
+    good one, and with keep_checkpoints=1 the rotation has not removed it."""
+    copy_of(trained, tmp_path)
+    real_init = training.Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        step = self.train_step
+
+        def poisoned(state, batch):
+            state, metrics = step(state, batch)
+            nan = jax.tree.map(lambda a: a * np.nan, state.ema_params)
+            return state.replace(ema_params=nan), metrics
+
+        self.train_step = poisoned
+
+    monkeypatch.setattr(training.Trainer, "__init__", init)
+    config = tiny_config(num_steps=8, checkpoint_every=1, keep_checkpoints=1)
+    with pytest.raises(
+        checkpointing.NonFinite,
+        match=r"^the train state of step 3 holds NaN.*"
+        r"The last good checkpoint is step 2 in",
+    ):
+        training.train_and_evaluate(config, tmp_path)
+    assert checkpointing.steps(tmp_path) == [2] and int(final_state(tmp_path).step) == 2
