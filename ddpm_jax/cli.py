@@ -128,17 +128,28 @@ def run(main, entry_point):
 
     try:
         argv = config_lib.resolve_config_flag(sys.argv)
+        config_lib.check_config_flags(argv)
     except UserError as e:
         sys.exit(f"error: {e}")
     show_in_help(sys.modules[main.__module__])
-    app.run(wrapped, argv=argv)
+    try:
+        app.run(wrapped, argv=argv)
+    except SystemExit as e:  # absl exits 1 after --help: asking for help is no failure
+        asked = {"--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml"} & set(argv)
+        sys.exit(0 if asked and e.code == 1 else e.code)
 
 
 def show_in_help(entry_module):
-    """--help shows the entry module's docstring and this project's flags, whether it was
-    started as `python train.py` or `python -m ddpm_jax.train`."""
-    sys.modules["__main__"].__doc__ = entry_module.__doc__
+    """--help shows the entry module's docstring (its commands as they were started: `python
+    sample.py`, or `ddpm-sample` for the installed command) and this project's flags and
+    --verbosity, however it was started."""
+    doc, program = entry_module.__doc__, Path(sys.argv[0]).name
+    script = entry_module.__name__.rpartition(".")[2]
+    if not program.endswith(".py"):  # an installed command, e.g. ddpm-sample
+        doc = doc.replace(f"python {script}.py", program)
+    sys.modules["__main__"].__doc__ = doc
     for module, module_flags in flags.FLAGS.flags_by_module_dict().items():
         if module.startswith(("ddpm_jax", "__main__")) or module == sys.argv[0]:
             for flag in module_flags:
                 flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["verbosity"])

@@ -8,9 +8,12 @@ entry points and the loops (training, evaluation modes, data) read the config; t
 """
 
 import dataclasses
+import difflib
 import importlib.util
 import math
 from pathlib import Path
+
+import numpy as np
 
 from ddpm_jax import schedules, spec, unet
 from ddpm_jax.errors import UserError
@@ -31,6 +34,11 @@ def config_path(path_or_name):
     name = path.name.removesuffix(".py")
     if str(path_or_name).removesuffix(".py") == name and name in config_names():
         return CONFIG_DIR / f"{name}.py"
+    if name in config_names():  # a path to a clone's configs/, given from elsewhere
+        raise UserError(
+            f"config file {str(path_or_name)!r} does not exist (relative to {Path.cwd()}); "
+            f"the packaged config of that name is --config {name}"
+        )
     raise UserError(
         f"config file {str(path_or_name)!r} does not exist, and {name!r} is not a packaged "
         f"config; give a config file's path or one of {', '.join(config_names())}"
@@ -60,12 +68,58 @@ def _resolve(value):
 
 
 def load_config(path_or_name):
-    """get_config() of a config given by path or by name (as `--config` takes it)."""
+    """get_config() of a config given by path or by name (as `--config` takes it); a file
+    that does not run, or has no get_config, is a UserError naming it."""
     path = config_path(path_or_name)
-    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    spec_ = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec_)
+    try:
+        spec_.loader.exec_module(module)
+        if not callable(getattr(module, "get_config", None)):
+            raise UserError(f"config file {path} has no get_config() function; define one")
+        return module.get_config()
+    except SyntaxError as e:
+        raise UserError(f"config file {path}, line {e.lineno}: {e.msg}; fix it") from None
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(
+            f"config file {path} raised {type(e).__name__}: {e}; fix the file"
+        ) from None
+
+
+def setting_names(config, prefix=""):
+    """Every setting of a config as a dotted name ("training.batch_size", ...)."""
+    names = []
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            names += setting_names(value, f"{prefix}{key}.")
+        else:
+            names.append(f"{prefix}{key}")
+    return names
+
+
+def check_config_flags(argv):
+    """Before flags are parsed: the file of `--config` runs and has get_config(), and each
+    `--config.KEY=VALUE` names one of its settings; a UserError names the mistake (an
+    unknown key with the closest known names). A config given arguments (FILE:ARGS) is
+    left to ml_collections."""
+    value = next((a.removeprefix("--config=") for a in argv if a.startswith("--config=")), None)
+    if value is None and "--config" in argv[:-1]:
+        value = argv[argv.index("--config") + 1]
+    if value is None or ":" in value:
+        return
+    names = setting_names(load_config(value))
+    keys = [a[len("--config.") :].split("=")[0] for a in argv if a.startswith("--config.")]
+    for key in keys:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=2, cutoff=0.7)
+            hint = (
+                f"; did you mean {' or '.join('config.' + c for c in close)}?"
+                if close
+                else ("; see the config file for its settings")
+            )
+            raise UserError(f"--config.{key}: the config has no setting {key!r}{hint}")
 
 
 def build(config, num_devices: int = 1, num_processes: int = 1) -> spec.Setup:
@@ -83,6 +137,11 @@ def build(config, num_devices: int = 1, num_processes: int = 1) -> spec.Setup:
         raise UserError(f"config.data.image_size: {e}") from e
     if config.data.num_channels not in (1, 3):
         raise UserError(f"config.data.num_channels must be 1 or 3, got {config.data.num_channels}")
+    if config.data.get("shuffle_buffer", 1) < 1:
+        raise UserError(
+            f"config.data.shuffle_buffer must be >= 1 (1: no shuffling), got "
+            f"{config.data.shuffle_buffer}"
+        )
     check_batch("training.batch_size", config.training.batch_size, num_devices, num_processes)
     check_eval(config, num_devices, num_processes)
     return spec.Setup(
@@ -153,6 +212,8 @@ def sampler_spec(config) -> spec.SamplerSpec:
         raise UserError(f"config.sampling.num_steps must be in [0, T={T}], got {s.num_steps}")
     if not 0.0 <= s.eta <= 1.0:
         raise UserError(f"config.sampling.eta must be in [0, 1], got {s.eta}")
+    if not isinstance(s.batch_size, int) or s.batch_size < 1:
+        raise UserError(f"config.sampling.batch_size must be >= 1, got {s.batch_size!r}")
     w = s.get("guidance", 0.0)
     if not (math.isfinite(w) and w >= 0) or (w and not config.model.get("num_classes", 0)):
         raise UserError(
@@ -199,8 +260,11 @@ def check_training(config):
     t = config.training
     if not 0.0 <= t.ema_decay < 1.0:
         raise UserError(f"config.training.ema_decay must be in [0, 1), got {t.ema_decay}")
-    if not (t.learning_rate > 0 and math.isfinite(t.learning_rate)):  # NaN fails too
-        raise UserError(f"config.training.learning_rate must be > 0, got {t.learning_rate}")
+    lr = t.learning_rate
+    if not 0 < lr <= float(np.finfo(np.float32).max):  # NaN fails, and 1e39 (inf in float32)
+        raise UserError(
+            f"config.training.learning_rate must be > 0 and finite in float32, got {lr}"
+        )
     p, classes = t.get("label_dropout", 0.0), config.model.get("num_classes", 0)
     if not 0.0 <= p < 1.0 or (p and not classes):
         raise UserError(

@@ -89,7 +89,8 @@ def check(
             f"{labels.shape} of {labels.dtype}"
         )
     if labels.min() < 0 or labels.max() >= classes:
-        raise UserError(f"labels must lie in [0, {classes - 1}], got {sorted(set(labels))[:5]}")
+        bad = sorted({int(y) for y in labels if not 0 <= y < classes})
+        raise UserError(f"labels must lie in [0, {classes - 1}], got {bad[:5]}")
     if not np.isfinite(w) or w < 0:
         raise UserError(f"guidance must be >= 0, got {w}")
     return labels.astype(np.int32), float(w)

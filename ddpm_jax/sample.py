@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from ddpm_jax import checkpointing, config_lib, fs, images, sampling
+from ddpm_jax import checkpointing, config_lib, convert, fs, images, sampling
 
 FLAGS = flags.FLAGS
 
@@ -34,12 +34,15 @@ def define_flags():
     flags.mark_flags_as_required(["config", "out"])
 
 
-def load_params():
+def load_params(setup):
+    """(parameters, where they come from: a checkpoint's step or the converted folder)."""
     if (FLAGS.workdir is None) == (FLAGS.params is None):
         raise app.UsageError("give exactly one of --workdir and --params")
     if FLAGS.workdir is not None:
-        return checkpointing.restore_params(FLAGS.workdir, FLAGS.config)[0]
-    return checkpointing.restore_converted(FLAGS.params)
+        params, step = checkpointing.restore_params(FLAGS.workdir, FLAGS.config)
+        return params, f"the EMA weights of step {step} in {FLAGS.workdir}"
+    expected = convert.expected_params(setup)
+    return checkpointing.restore_converted(FLAGS.params, expected), FLAGS.params
 
 
 def parse_labels(values):
@@ -61,16 +64,17 @@ def main(argv):
     num = FLAGS.num_samples * (1 if labels is None else len(labels))
     labels = None if labels is None else np.repeat(labels, FLAGS.num_samples)
     setup = config_lib.build(FLAGS.config)  # chunks of samples fit any device count
+    params, source = load_params(setup)
     sample_fn = sampling.Sampler(setup, progress=True)
     rng = jax.random.PRNGKey(FLAGS.seed)
-    samples = sample_fn(load_params(), rng, num, labels=labels, guidance=FLAGS.guidance)
+    samples = sample_fn(params, rng, num, labels=labels, guidance=FLAGS.guidance)
     if jax.process_index() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         extra = {} if labels is None else {"labels": labels}
         fs.save_npz(out.with_suffix(".npz"), compress=True, images=samples, **extra)
         ncols = None if labels is None else FLAGS.num_samples
         fs.save_png(out.with_suffix(".png"), images.image_grid(samples, ncols))
-        print(f"wrote {len(samples)} samples to {out.with_suffix('.png')} and .npz")
+        print(f"wrote {len(samples)} samples of {source} to {out.with_suffix('.png')} and .npz")
 
 
 def run():

@@ -12,7 +12,9 @@ the images back to the host.
 
 import enum
 import functools
+import math
 import numbers
+import os
 from collections.abc import Iterator
 
 import jax
@@ -35,11 +37,23 @@ class Output(enum.StrEnum):
     FLOAT = "float"
 
 
-def check_num_samples(num_samples) -> None:
+def check_num_samples(num_samples, image_shape: tuple[int, ...] = ()) -> None:
+    """A whole number >= 1 whose images (float32, kept until the end) fit in this
+    machine's memory."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
         raise UserError(f"num_samples must be a whole number, got {num_samples!r}")
     if num_samples < 1:
         raise UserError(f"num_samples must be at least 1, got {num_samples}")
+    need, have = num_samples * math.prod(image_shape) * 4, _memory_bytes()
+    if need > have:
+        raise UserError(
+            f"num_samples={num_samples} needs {need / 2**30:.3g} GiB for its images, more "
+            f"than this machine's {have / 2**30:.3g} GiB: draw them in several calls"
+        )
+
+
+def _memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class Sampler:
@@ -93,7 +107,7 @@ class Sampler:
     ) -> Iterator[jax.Array]:
         """The chunks as sharded device arrays in [-1, 1], the last one possibly longer
         than needed (samples past num_samples are extra draws of the same stream)."""
-        check_num_samples(num_samples)
+        check_num_samples(num_samples, self.setup.image_shape)
         classes, default_w = self.setup.num_classes, self.setup.sampler.guidance
         labels, w = guidance_lib.check(classes, labels, guidance, num_samples, default_w)
         size = min(self.max_chunk, -(-num_samples // self.mesh.size) * self.mesh.size)

@@ -37,6 +37,10 @@ def get_beta_schedule(
     if not isinstance(num_timesteps, int | np.integer) or num_timesteps < 1:
         raise ValueError(f"num_timesteps (T) must be an integer >= 1, got {num_timesteps!r}")
     T = int(num_timesteps)
+    if name in ("linear", "quad", "warmup10", "warmup50") and not beta_start <= beta_end:
+        raise ValueError(
+            f"beta_start ({beta_start}) must be <= beta_end ({beta_end}): β grows with t"
+        )
     if name == "linear":
         betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
     elif name == "quad":
@@ -55,7 +59,7 @@ def get_beta_schedule(
     return betas
 
 
-def check_betas(betas: np.ndarray) -> np.ndarray:
+def check_betas(betas: np.ndarray) -> None:
     """Raise ValueError unless betas is a non-empty 1-D array with every β_t in (0, 1]."""
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or betas.size < 1:

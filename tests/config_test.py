@@ -103,6 +103,10 @@ def test_256_configs(name, flip, steps):
         ("training.keep_period", -5, r"keep_period must be >= 0 \(0: off\)"),
         ("training.sample_every", -1, r"sample_every must be >= 0 \(0: off\)"),
         ("training.num_sample_images", 0, "num_sample_images must be >= 1"),
+        ("training.learning_rate", 1e39, "learning_rate must be > 0 and finite in float32"),
+        ("sampling.batch_size", 0, "sampling.batch_size must be >= 1"),
+        ("data.shuffle_buffer", 0, "shuffle_buffer must be >= 1"),
+        ("diffusion.beta_start", 0.5, r"beta_start \(0.5\) must be <= beta_end \(0.2\)"),
     ],
 )
 def test_bad_settings_are_named(setting, value, word):
@@ -121,3 +125,38 @@ def test_unknown_model_setting_and_missing_file():
         config_lib.unet_config(config)
     with pytest.raises(ValueError, match="does not exist"):
         config_lib.load_config(CONFIGS / "nope.py")
+
+
+def test_a_packaged_configs_path_from_elsewhere_names_the_packaged_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # configs/mnist.py is relative to a clone's root
+    with pytest.raises(UserError, match=r"^config file 'configs/mnist.py' does not exist \(rel"):
+        config_lib.load_config("configs/mnist.py")
+    with pytest.raises(UserError, match="the packaged config of that name is --config mnist$"):
+        config_lib.load_config("configs/mnist.py")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("def get_config(:\n", r"line 1: invalid syntax; fix it$"),
+        ("x = 1\n", r"has no get_config\(\) function; define one$"),
+        ("def get_config():\n    return 1 / 0\n", r"raised ZeroDivisionError: division by zero"),
+    ],
+)
+def test_a_broken_config_file_is_named(tmp_path, text, message):
+    (tmp_path / "mine.py").write_text(text)
+    with pytest.raises(UserError, match=rf"^config file {tmp_path / 'mine.py'}.*{message}"):
+        config_lib.load_config(tmp_path / "mine.py")
+
+
+def test_override_keys_are_checked_against_the_config():
+    argv = ["train.py", "--config", str(CONFIGS / "tiny.py"), "--config.training.batch_size=8"]
+    config_lib.check_config_flags(argv)  # a known key
+    with pytest.raises(
+        UserError,
+        match=r"^--config.training.batchsize: the config has no "
+        r"setting 'training.batchsize'; did you mean config.training.batch_size",
+    ):
+        config_lib.check_config_flags([*argv, "--config.training.batchsize=64"])
+    with pytest.raises(UserError, match="no setting 'nothing_like_it'; see the config file"):
+        config_lib.check_config_flags([*argv, "--config.nothing_like_it", "3"])

@@ -273,6 +273,16 @@ def test_sample_fn_names_a_bad_sample_count(tiny_model, bad):
         sampling.make_sample_fn(config)(params, jax.random.PRNGKey(0), bad)
 
 
+def test_sample_fn_refuses_more_samples_than_memory_holds(tiny_model):
+    """10^12 images of 8x8 need 2.4e5 GiB as float32: refused at once, not after an ETA of
+    millions of hours."""
+    config, _, params = tiny_model
+    with pytest.raises(
+        UserError, match=r"^num_samples=1000000000000 needs 2.38e\+05 GiB for its images, more than"
+    ):
+        sampling.make_sample_fn(config)(params, jax.random.PRNGKey(0), 10**12)
+
+
 @pytest.mark.parametrize("method", ["ancestral", "ddim"])
 def test_sample_fn_with_a_learned_variance_on_a_respaced_chain(tiny_model, method):
     """sample_fn of a learned-Σ, v-prediction model over 5 respaced steps is sample_loop over
