@@ -17,7 +17,9 @@ Arrays are placed directly with the shardings asked for, so a checkpoint written
 number of devices or processes restores on any other.
 """
 
+import contextlib
 import json
+import logging as std_logging
 import time
 
 import jax
@@ -355,7 +357,7 @@ def _stored_tree(checkpointer, directory):
 
 def _restore(directory, target):
     """Orbax's StandardRestore of directory into target, after checking the shapes."""
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _quiet_item_metadata(), ocp.StandardCheckpointer() as checkpointer:
         what = f"the arrays of checkpoint {directory.parent}"
         _check_shapes(_stored_tree(checkpointer, directory), target, what)
         return checkpointer.restore(directory, target)
@@ -388,9 +390,27 @@ def with_shardings(abstract, shardings):
     )
 
 
+class _NoMetadataWarning(std_logging.Filter):
+    """Orbax's warning that an item has no _CHECKPOINT_METADATA of its own (the manager
+    keeps it one level up, at the step): reading an item alone always says so."""
+
+    def filter(self, record):
+        return "_CHECKPOINT_METADATA" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_item_metadata():
+    quiet, logger = _NoMetadataWarning(), std_logging.getLogger("absl")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def _read_params(directory, key, sharding):
     """Only the arrays under `key` of a saved state, placed with `sharding`."""
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _quiet_item_metadata(), ocp.StandardCheckpointer() as checkpointer:
         tree = _stored_tree(checkpointer, directory)
     target = {
         key: jax.tree.map(
@@ -402,7 +422,7 @@ def _read_params(directory, key, sharding):
         restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True,
     )
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+    with _quiet_item_metadata(), ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
         return checkpointer.restore(directory, args=args)
 
 

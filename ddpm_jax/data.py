@@ -10,12 +10,11 @@ that says what to do. `folder:/path` datasets (a user's own images) need no prep
 
 import argparse
 import difflib
+import logging
 import os
 import socket
 import sys
 import urllib.parse
-
-import tensorflow_datasets as tfds
 
 from ddpm_jax.errors import UserError
 
@@ -49,6 +48,8 @@ def tensorflow_on_cpu_only():
 def builder(name, data_dir=None):
     """The TFDS builder of 'name[/config][:version]', or a UserError naming the closest
     dataset names (never the whole catalogue)."""
+    import tensorflow_datasets as tfds  # here, so that main() quiets TensorFlow first
+
     tensorflow_on_cpu_only()
     try:
         return tfds.builder(name, data_dir=default_data_dir(data_dir))
@@ -108,6 +109,8 @@ def prepare(name, data_dir=None, log=print):
         f"Preparing {name!r} in {tfds_builder.data_dir_root} (first use only; "
         f"downloading {size or 'its files'})"
     )
+    import tensorflow_datasets as tfds
+
     config = tfds.download.DownloadConfig(try_download_gcs=False)
     tfds_builder.download_and_prepare(download_config=config)
     log(f"Prepared {name!r} in {tfds_builder.data_dir}")
@@ -143,10 +146,21 @@ def main(argv=None):
     parser.add_argument("--data_dir", help="default: $TFDS_DATA_DIR or ~/tensorflow_datasets")
     args = parser.parse_args(argv)
     try:
-        prepare(args.name, args.data_dir)
+        prepared = prepare(args.name, args.data_dir)
     except UserError as e:
         sys.exit(f"error: {e}")
+    print(f"{args.name!r} is prepared in {prepared.data_dir}")
+
+
+def quiet():
+    """As quiet as the other entry points, before TensorFlow loads."""
+    from ddpm_jax import cli
+
+    cli.quiet_tensorflow()
+    logging.basicConfig(format="%(levelname)s: %(message)s")  # the handler to quiet
+    cli.quiet_libraries(__file__)
 
 
 if __name__ == "__main__":
+    quiet()
     main()

@@ -50,28 +50,28 @@ def nll(config, setup: Setup, params, batch_size, max_batches=None, progress=Fal
     return {k: v for k, v in summary.items() if k not in arrays}, arrays
 
 
-def write_results(workdir, step, scalars, arrays=None):
+def write_results(workdir, step, scalars, arrays=None) -> list:
     """step_<N>.json (merged with what an earlier run at this step wrote), TensorBoard
-    scalars and, for the bound, the npz and the plot. Process 0 only."""
+    scalars and, for the bound, the npz and the plot. Process 0 only; returns the paths of
+    the files written (not TensorBoard's)."""
     if jax.process_index() != 0:
-        return
+        return []
     out = fs.as_path(workdir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"step_{step}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     fs.write_bytes(path, json.dumps(dict(old, **scalars, step=step), indent=1).encode())
+    written = [path]
     if arrays:
-        fs.save_npz(out / f"nll_step_{step}.npz", **arrays)
-        plots.rate_distortion_png(
-            out / f"rate_distortion_step_{step}.png",
-            arrays["rate_bpd"],
-            arrays["distortion_rmse"],
-        )
+        written += [out / f"nll_step_{step}.npz", out / f"rate_distortion_step_{step}.png"]
+        fs.save_npz(written[1], **arrays)
+        plots.rate_distortion_png(written[2], arrays["rate_bpd"], arrays["distortion_rmse"])
     writer = events.EventWriter(fs.as_path(workdir) / "tensorboard")
     for key, name in TB_NAMES.items():
         if key in scalars:
             writer.scalar(step, f"eval/{name}", scalars[key])
     writer.close()
+    return written
 
 
 def reference_statistics(config, network, batch_size, progress=False, devices=None):

@@ -20,6 +20,7 @@ from ddpm_jax import cli
 cli.quiet_tensorflow()  # before anything imports TensorFlow
 
 import json
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -67,9 +68,10 @@ def main(argv):
         seed=FLAGS.seed,
         progress=True,
     )
-    eval_modes.write_results(FLAGS.workdir, step, scalars, arrays)
+    written = eval_modes.write_results(FLAGS.workdir, step, scalars, arrays)
     if jax.process_index() == 0:
         print(json.dumps(dict(scalars, step=step)))
+        print(f"evaluated step {step}; wrote {', '.join(map(str, written))}", file=sys.stderr)
 
 
 def run():

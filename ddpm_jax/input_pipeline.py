@@ -40,11 +40,14 @@ def _not_prepared_message(config, split):
 
 def _process_shard(builder, split, process_index, process_count):
     """This process's equal, disjoint part of the split (TFDS subsplits where supported),
-    and whether it is contiguous (a subsplit) rather than every process_count-th example."""
+    and whether it is contiguous (a subsplit) rather than every process_count-th example.
+    TFDS does not cache small datasets itself: a run shorter than an epoch would otherwise
+    end with tf.data's warning about a cache not read to its end."""
+    read = tfds.ReadConfig(try_autocache=False)
     if not isinstance(builder, tfds.folder_dataset.ImageFolder):
         subsplit = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
-        return builder.as_dataset(split=subsplit, shuffle_files=False), True
-    ds = builder.as_dataset(split=split, shuffle_files=False)  # no subsplits: shard by index
+        return builder.as_dataset(split=subsplit, shuffle_files=False, read_config=read), True
+    ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read)  # by index
     if split not in builder.info.splits:
         raise UserError(f"unknown split {split!r}; the folder has {list(builder.info.splits)}")
     per_process = builder.info.splits[split].num_examples // process_count

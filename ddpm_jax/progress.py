@@ -1,8 +1,24 @@
 """The one progress bar: shown by process 0 alone, its clock started once the first piece
-of work is done, so that its rate and ETA leave out compilation."""
+of work is done, so that its rate and ETA leave out compilation. While it is shown, log
+lines (absl's handler) are written above it instead of through it."""
 
 import jax
 import tqdm
+from absl import logging
+
+
+class _AboveTheBar:
+    """A stream for absl's log handler that writes each line above the shown bars."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        if text.strip():
+            tqdm.tqdm.write(text.rstrip("\n"), file=self.stream)
+
+    def flush(self):
+        self.stream.flush()
 
 
 class Progress:
@@ -19,15 +35,19 @@ class Progress:
             self.bar = tqdm.tqdm(
                 total=self.total, initial=done, desc=self.desc, unit=self.unit, dynamic_ncols=True
             )
+            handler = logging.get_absl_handler().python_handler
+            self._log_stream = handler.stream
+            handler.setStream(_AboveTheBar(self._log_stream))
 
     def update(self, n: int, result=None) -> None:
         """Count n more units once `result` (their output) is computed; the first call
-        starts the clock with them counted."""
+        starts the clock with them counted (and shows no bar if they are all the work)."""
         if not self.enabled:
             return
         jax.block_until_ready(result)
         if self.bar is None:
-            self.start(n)
+            if n < self.total:
+                self.start(n)
         else:
             self.bar.update(n)
 
@@ -44,3 +64,5 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            logging.get_absl_handler().python_handler.setStream(self._log_stream)
+            self.bar = None

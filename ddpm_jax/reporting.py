@@ -52,9 +52,11 @@ class Reporter:
             self.writer.image(step, name, grid)
 
     def close(self):
+        """End the bar and the event file (again: nothing)."""
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
 
 def write_samples(

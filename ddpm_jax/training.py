@@ -293,6 +293,10 @@ def train_and_evaluate(config, workdir, devices=None):
         with StopSignals() as signals:
             state = _train(run, state, signals)
         run.manager.wait_until_finished()
+        if int(state.step) >= config.training.num_steps:  # (a stop said so already)
+            run.reporter.close()  # the bar ends before the closing line
+            where = checkpointing.checkpoint_dir(run.trainer.workdir) / str(int(state.step))
+            logging.info("finished at step %d; its checkpoint is %s", int(state.step), where)
         return state
     except BaseException as error:
         note = _last_good(run)

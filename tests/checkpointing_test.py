@@ -227,6 +227,7 @@ def test_sampling_falls_back_and_moves_nothing(tmp_path, fresh, two_steps, caplo
     assert step == 2 and step_of(params, fresh) == 2
     assert f"checkpoints/4 is damaged ({reason}" in caplog.text
     assert "left where it is" in caplog.text
+    assert "_CHECKPOINT_METADATA" not in caplog.text  # orbax's notice, which says nothing
     assert checkpointing.steps(tmp_path) == [4, 2]  # reading moves nothing
 
 

@@ -227,12 +227,16 @@ def test_train_sample_and_evaluate_a_class_model(tmp_path):
         cmd = [sys.executable, str(ROOT / script), *common, *args]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
         assert done.returncode == 0, done.stderr[-3000:]
+        return done
 
     run("train.py", "--config.training.num_steps=2", "--config.training.label_dropout=0.1",
         "--config.training.sample_every=2", "--config.eval.every=0")  # fmt: skip
     grid = np.asarray(Image.open(tmp_path / "samples" / "step_00000002.png"))
     assert grid.shape == (8, 32)  # 4 samples: the classes 0, 1, 2, 3 in one row
-    run("sample.py", "--labels=0,7", "--num_samples=3", "--guidance=2", f"--out={tmp_path / 's'}")
+    said = run(
+        "sample.py", "--labels=0,7", "--num_samples=3", "--guidance=2", f"--out={tmp_path / 's'}"
+    )
+    assert f"wrote 6 samples of the EMA weights of step 2 in {tmp_path} to " in said.stdout
     saved = np.load(tmp_path / "s.npz")
     np.testing.assert_array_equal(saved["labels"], [0, 0, 0, 7, 7, 7])
     assert np.asarray(Image.open(tmp_path / "s.png")).shape == (16, 24)  # 2 rows of 3

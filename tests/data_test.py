@@ -84,6 +84,21 @@ def test_prepare_command(tmp_path, mocked_download, capsys):
     assert "Preparing 'mnist'" in capsys.readouterr().out
     data.main(["prepare", "mnist", "--data_dir", str(tmp_path / "tfds")])  # a no-op now
     assert len(mocked_download["urls"]) == 1
+    assert capsys.readouterr().out == f"'mnist' is prepared in {tmp_path / 'tfds'}/mnist/3.0.1\n"
+
+
+def test_prepare_offline_is_one_line(tmp_path):
+    """`python -m ddpm_jax.data prepare` is as quiet as the entry points: offline, a
+    dataset that is not prepared is one line (TFDS's and TensorFlow's notices kept out)."""
+    cmd = [sys.executable, "-m", "ddpm_jax.data", "prepare", "cifar10", "--data_dir", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: dataset 'cifar10' is not prepared in {tmp_path} and cannot be downloaded here "
+        "(www.cs.toronto.edu is unreachable: offline?). On a machine with internet run "
+        "`python -m ddpm_jax.data prepare cifar10 --data_dir DIR`, copy DIR here and set "
+        "TFDS_DATA_DIR=DIR (or --config.data.data_dir=DIR)"
+    ]
 
 
 def test_offline_train_py_fails_in_seconds_with_one_line(tmp_path):

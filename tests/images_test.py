@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+from absl import logging as absl_logging
 
 from ddpm_jax import images, progress
 
@@ -35,6 +36,25 @@ def test_progress_counts_from_the_first_finished_piece(capsys):
     quiet.update(6, jnp.ones(3))
     quiet.close()
     assert not quiet.shown and capsys.readouterr().err == ""
+
+
+def test_work_done_in_one_piece_shows_no_bar(capsys):
+    bar = progress.Progress(1, True, "batches")
+    bar.update(1, jnp.ones(3))
+    bar.close()
+    assert not bar.shown and capsys.readouterr().err == ""
+
+
+def test_log_lines_go_above_a_shown_bar():
+    """While a bar is shown, absl's handler writes through tqdm (above the bar, not into
+    its line); afterwards it writes where it did before."""
+    handler = absl_logging.get_absl_handler().python_handler
+    before = handler.stream
+    bar = progress.Progress(4, True)
+    bar.start()
+    assert isinstance(handler.stream, progress._AboveTheBar) and handler.stream.stream is before
+    bar.close()
+    assert handler.stream is before
 
 
 def test_progress_advances_to_a_step_with_metrics(capsys):

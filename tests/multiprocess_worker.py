@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 from ddpm_jax import (  # noqa: E402
     bound,
     checkpointing,
+    cli,
     config_lib,
     distributed,
     sampling,
@@ -75,4 +76,7 @@ def main(coordinator, process_id, workdir, out):
 if __name__ == "__main__":
     # Two fake devices per process; set here, not at import (the test imports this module).
     jax.config.update("jax_num_cpu_devices", 2)
+    # The test session's persistent cache (conftest.py): the loop's train step and bound are
+    # the programs this worker compiled already, and a second run of the test compiles none.
+    cli.use_compilation_cache(os.environ.get("DDPM_COMPILATION_CACHE"))
     main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])

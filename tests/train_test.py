@@ -38,6 +38,10 @@ def test_train_py_writes_checkpoints_events_and_samples(tmp_path):
     grid = np.asarray(Image.open(tmp_path / "samples" / "step_00000004.png"))
     assert grid.shape == (16, 16) and grid.dtype == np.uint8  # 4 samples of 8x8, 2x2 grid
     assert "step 4: loss" in result.stderr
+    assert f"finished at step 4; its checkpoint is {tmp_path / 'checkpoints' / '4'}" in (
+        result.stderr
+    )
+    assert "did not fully read the dataset" not in result.stderr  # tf.data's cache warning
 
 
 def test_train_py_rejects_a_bad_override_at_once(tmp_path):
@@ -80,3 +84,8 @@ def test_evaluate_py_writes_the_bound_and_fids(tmp_path):
     np.testing.assert_allclose(arrays["rate_bpd"][0], summary["bpd"], rtol=1e-5)
     assert (tmp_path / "eval" / "rate_distortion_step_2.png").is_file()
     assert len(list((tmp_path / "stats").glob("*.npz"))) == 2
+    out = tmp_path / "eval"
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"evaluated step 2; wrote {out / 'step_2.json'}, {out / 'nll_step_2.npz'}, "
+        f"{out / 'rate_distortion_step_2.png'}"
+    )
