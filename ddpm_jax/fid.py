@@ -20,6 +20,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 import scipy.linalg
+from etils import epath
 from jax.experimental import multihost_utils
 
 from ddpm_jax import bound, fs, guidance, images, inception, sharding
@@ -112,7 +113,7 @@ def load_network(path) -> tuple[dict, str]:
 # ---- Reference statistics of a dataset split --------------------------------------------
 
 
-def stats_path(stats_dir, config, split: str):
+def stats_path(stats_dir, config, split: str) -> epath.Path:
     """<dataset>_<split>_<H>x<W>x<C>_<hash>.npz: readable, and the hash of the exact
     (dataset, split) strings keeps 'test[:5000]' and 'test[5000:]' apart."""
     d = config.data
