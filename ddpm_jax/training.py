@@ -39,8 +39,9 @@ MAX_AHEAD = 2
 class StopSignals:
     """SIGTERM, SIGHUP (a closed terminal) and a first Ctrl-C (SIGINT) become a flag the loop
     checks, so that it saves a checkpoint and stops cleanly. A second Ctrl-C stops at once
-    (KeyboardInterrupt), after the save in flight is finished. A signal that was ignored when
-    the run started (SIGHUP under nohup) stays ignored."""
+    (KeyboardInterrupt), after the save in flight is finished. SIGHUP and SIGINT stay ignored
+    where the run started with them ignored (SIGHUP under nohup, SIGINT in a script's
+    background job); SIGTERM, how schedulers stop a job, is always honoured."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
@@ -50,7 +51,8 @@ class StopSignals:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            handled = [s for s in self.SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+            ignored = {s for s in self.SIGNALS if signal.getsignal(s) is signal.SIG_IGN}
+            handled = [s for s in self.SIGNALS if s == signal.SIGTERM or s not in ignored]
             self._previous = {s: signal.signal(s, self._handle) for s in handled}
         return self
 

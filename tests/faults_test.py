@@ -277,3 +277,15 @@ def test_a_step_with_a_nan_ema_is_not_saved_and_the_last_good_one_is_kept(
     ):
         training.train_and_evaluate(config, tmp_path)
     assert checkpointing.steps(tmp_path) == [2] and int(final_state(tmp_path).step) == 2
+
+
+def test_sigterm_stops_a_run_even_if_it_started_ignored(tmp_path, monkeypatch):
+    """nohup's rule is for SIGHUP (and SIGINT in background jobs); SIGTERM is how schedulers
+    stop a job, so it saves and stops whatever the run inherited."""
+    signalling(monkeypatch, {2: [signal.SIGTERM]})
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        state = training.train_and_evaluate(tiny_config(num_steps=50), tmp_path)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert int(state.step) == 3 and checkpointing.steps(tmp_path)[0] == 3
