@@ -3,11 +3,13 @@ bit-identically: tests/data/v1_checkpoint and what the code of its time computed
 (tests/data/v1_reference.npz, both written by tests/fixtures/make_v1_checkpoint.py)."""
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -16,21 +18,16 @@ from ddpm_jax import checkpointing, config_lib, sampling, sharding, train_state
 from ddpm_jax.spec import SamplerMethod
 
 DATA = Path(__file__).resolve().parent / "data"
-V1_OVERRIDES = {
-    "model.ch": 32,
-    "model.ch_mult": (1,),
-    "model.attn_resolutions": (8,),
-    "model.num_classes": 3,
-    "training.label_dropout": 0.25,
-}
 
 
 @pytest.fixture(scope="module")
 def v1():
-    config = config_lib.load_config("tiny")
-    for key, value in V1_OVERRIDES.items():
-        group, name = key.split(".")
-        config[group][name] = value
+    """The config the v1 checkpoint was written with, as its record keeps it whole, and the
+    reference outputs."""
+    record = json.loads(
+        (DATA / "v1_checkpoint" / "checkpoints" / "2" / "record" / "metadata").read_text()
+    )
+    config = ml_collections.ConfigDict(record["config"])
     return config, dict(np.load(DATA / "v1_reference.npz"))
 
 
