@@ -119,14 +119,15 @@ class PeriodicEvaluator:
     when config.eval.inception_path is set). The reference statistics are read or
     computed when the evaluator is built, before training starts."""
 
-    def __init__(self, config, setup: Setup, workdir, devices=None):
+    def __init__(self, config, setup: Setup, workdir, devices=None, check_data=True):
+        """check_data=False: the caller checks that the eval split reads (a data worker)."""
         self.config, self.setup, self.workdir, self.devices = config, setup, workdir, devices
         e = config.eval
         self.modes = (["nll"] if e.nll_batches else []) + (["fid"] if e.fid_samples else [])
         if "fid" in self.modes and not e.inception_path:
             logging.warning("periodic FID is off: set config.eval.inception_path to turn it on")
             self.modes.remove("fid")
-        if "nll" in self.modes:
+        if "nll" in self.modes and check_data:
             from ddpm_jax import input_pipeline  # TensorFlow: only where data is read
 
             input_pipeline.check_dataset(config, config.data.eval_split)

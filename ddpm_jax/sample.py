@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from ddpm_jax import checkpointing, config_lib, convert, fs, images, sampling
+from ddpm_jax import checkpointing, config_lib, convert, fs, images, sampling, timeline
 
 FLAGS = flags.FLAGS
 
@@ -58,13 +58,16 @@ def parse_labels(values):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    timeline.mark("imported")
     cli.setup(FLAGS)
     out = fs.as_path(FLAGS.out)
     labels = parse_labels(FLAGS.labels)
     num = FLAGS.num_samples * (1 if labels is None else len(labels))
     labels = None if labels is None else np.repeat(labels, FLAGS.num_samples)
     setup = config_lib.build(FLAGS.config)  # chunks of samples fit any device count
+    timeline.mark("built")
     params, source = load_params(setup)
+    timeline.mark("restored")
     sample_fn = sampling.Sampler(setup, progress=True)
     rng = jax.random.PRNGKey(FLAGS.seed)
     samples = sample_fn(params, rng, num, labels=labels, guidance=FLAGS.guidance)

@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ddpm_jax import guidance as guidance_lib  # `guidance` is also sample_fn's argument
-from ddpm_jax import images, reverse, sharding
+from ddpm_jax import images, programs, reverse, sharding, timeline
 from ddpm_jax.checkpointing import restore_params  # noqa: F401 (the Colab needs both)
 from ddpm_jax.errors import UserError
 from ddpm_jax.progress import Progress
@@ -83,10 +83,11 @@ class Sampler:
             static_argnames="num_samples",
             out_shardings=self.batch_sharding,
         )
-        self.segment = jax.jit(
+        self.segment = programs.CachedJit(
             functools.partial(reverse.sample_segment, setup=setup, length=self.length),
+            f"sample_segment_{self.length}", (setup, self.length),
             out_shardings=self.batch_sharding,
-        )
+        )  # fmt: skip
         self.max_chunk = -(-setup.sampler.batch_size // self.mesh.size) * self.mesh.size
 
     def __call__(
@@ -121,6 +122,9 @@ class Sampler:
             for t_top in range(self.num_steps - 1, -1, -self.length):
                 x = self.segment(params, rng, offset, x, jnp.asarray(t_top, jnp.int32), y, w)
                 bar.update(self.length, x)
+                k = (self.num_steps - 1 - t_top) // self.length + 1
+                if start == 0 and k <= 2:  # the bench's rate of the first reverse steps
+                    timeline.mark(f"segment{k}_done_{self.length}_steps", x)
             yield x
         bar.close()
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddpm_jax import diffusion, sharding, timesteps
+from ddpm_jax import diffusion, programs, sharding, timesteps
 from ddpm_jax.spec import Setup, TimestepSampler, TrainSpec
 
 
@@ -129,23 +129,29 @@ def state_shardings(abstract_state, mesh: jax.sharding.Mesh) -> Any:
 
 
 def jit_init_state(
-    setup: Setup, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+    setup: Setup, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, abstract_state=None
 ) -> Callable[[], TrainState]:
-    """init_state compiled to produce replicated arrays on every device of the mesh."""
+    """init_state compiled to produce replicated arrays on every device of the mesh
+    (abstract_state: its jax.eval_shape, if already known)."""
     init = functools.partial(init_state, setup, tx)
-    out = state_shardings(jax.eval_shape(init), mesh)
-    return jax.jit(init, out_shardings=out)
+    abstract_state = jax.eval_shape(init) if abstract_state is None else abstract_state
+    return jax.jit(init, out_shardings=state_shardings(abstract_state, mesh))
 
 
 def jit_train_step(
-    setup: Setup, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, abstract_state
-) -> Callable:
-    """train_step jitted with explicit shardings; the input state's buffers are donated."""
+    setup: Setup, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, abstract_state,
+    keep_program: bool = False,
+) -> Callable:  # fmt: skip
+    """train_step jitted with explicit shardings; the input state's buffers are donated.
+    keep_program: the traced program is kept for the next launch (programs.CachedJit, keyed
+    by the setup: only for tx = make_optimizer(setup.training))."""
     step = functools.partial(train_step, setup=setup, tx=tx)
     state_sh = state_shardings(abstract_state, mesh)
-    return jax.jit(
-        step,
+    kwargs = dict(
         in_shardings=(state_sh, sharding.batch_sharding(mesh)),
         out_shardings=(state_sh, sharding.replicated(mesh)),
         donate_argnums=0,
     )
+    if keep_program:
+        return programs.CachedJit(step, "train_step", setup, **kwargs)
+    return jax.jit(step, **kwargs)

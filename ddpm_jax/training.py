@@ -6,7 +6,9 @@ resumes from the newest good checkpoint or starts afresh, and runs the steps; a 
 signal saves and stops, an error names the last good checkpoint.
 """
 
+import concurrent.futures
 import dataclasses
+import functools
 import math
 import signal
 import sys
@@ -26,8 +28,10 @@ from ddpm_jax import (
     reporting,
     sampling,
     sharding,
+    timeline,
     train_state,
 )
+from ddpm_jax import data_worker as data_worker_lib
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.errors import UserError, file_system_error
 
@@ -73,24 +77,82 @@ class Trainer:
     """Everything a run needs, built (and checked) from a config before anything compiles:
     the typed setup, the workdir, the mesh and the jitted init and step."""
 
-    def __init__(self, config, workdir, devices=None, prepare_data=False):
+    def __init__(
+        self, config, workdir, devices=None, prepare_data=False, data_worker=False,
+        other_splits=(),
+    ):  # fmt: skip
         self.config = config
         self.devices = devices = jax.devices() if devices is None else devices
         self.setup = config_lib.build(config, len(devices), jax.process_count())
+        self.batch_size = sharding.per_process_batch_size(config.training.batch_size)
+        self.worker, self.data_checks = None, dict(prepare=prepare_data, other_splits=other_splits)
+        if data_worker:  # TensorFlow in a child process, beside the restore and compile
+            worker = data_worker
+            if not isinstance(worker, data_worker_lib.DataWorker):
+                worker = data_worker_lib.DataWorker()
+            self._start_worker(worker)
+        else:
+            self.check_data(prepare_data)
+        try:
+            self._build(workdir)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start_worker(self, worker):
+        self.worker = worker
+        config = self.config
+        worker.start(
+            config, self.batch_size, config.seed, jax.process_index(), jax.process_count(),
+            **self.data_checks,
+        )  # fmt: skip
+
+    def _build(self, workdir):
+        self.workdir, self.created_workdir = workdir_lib.check_workdir(workdir)
+        self.mesh = sharding.make_mesh(self.devices)
+        self.tx = train_state.make_optimizer(self.setup.training)
+        abstract = jax.eval_shape(functools.partial(train_state.init_state, self.setup, self.tx))
+        self.init = train_state.jit_init_state(self.setup, self.tx, self.mesh, abstract)
+        self.abstract_state = abstract
+        self.train_step = train_state.jit_train_step(
+            self.setup, self.tx, self.mesh, self.abstract_state, keep_program=True
+        )
+
+    def abstract_batch(self):
+        """The global batch's shape, dtype and sharding: images, and labels for a class model."""
+        size, batch_sharding = self.config.training.batch_size, sharding.batch_sharding(self.mesh)
+        images = jax.ShapeDtypeStruct((size, *self.setup.image_shape), jnp.float32)
+        labels = jax.ShapeDtypeStruct((size,), jnp.int32)
+        batch = (images, labels) if self.setup.num_classes else images
+        return jax.tree.map(lambda a: a.update(sharding=batch_sharding), batch)
+
+    def compile_step(self):
+        """Compile (or load) the train step for the state and batch it will be given, in a
+        thread, while the state is restored and the data worker starts (where the program
+        is kept: programs.CachedJit; otherwise at the first step). Returns a Future."""
+        shardings = train_state.state_shardings(self.abstract_state, self.mesh)
+        state = jax.tree.map(lambda a, s: a.update(sharding=s), self.abstract_state, shardings)
+        compiling = concurrent.futures.ThreadPoolExecutor(1, "compile")
+        warm = getattr(self.train_step, "warm", lambda *args: None)
+        future = compiling.submit(warm, state, self.abstract_batch())
+        compiling.shutdown(wait=False)
+        return future
+
+    def close(self):
+        """Stop the data worker, if there is one."""
+        if self.worker is not None:
+            self.worker.close()
+
+    def check_data(self, prepare=False):
+        """The dataset prepared (if `prepare`) and its training split readable, or a
+        UserError; with a data worker, once the worker has checked."""
+        if self.worker is not None:
+            return self.worker.wait_ready()
         from ddpm_jax import data, input_pipeline  # TensorFlow: only where data is read
 
-        if prepare_data:
-            data.ensure_prepared(config, log=logging.info)
-        input_pipeline.check_dataset(config, config.data.train_split)
-        self.workdir, self.created_workdir = workdir_lib.check_workdir(workdir)
-        self.mesh = sharding.make_mesh(devices)
-        self.tx = train_state.make_optimizer(self.setup.training)
-        self.init = train_state.jit_init_state(self.setup, self.tx, self.mesh)
-        self.abstract_state = jax.eval_shape(self.init)
-        self.train_step = train_state.jit_train_step(
-            self.setup, self.tx, self.mesh, self.abstract_state
-        )
-        self.batch_size = sharding.per_process_batch_size(config.training.batch_size)
+        if prepare:
+            data.ensure_prepared(self.config, log=logging.info)
+        input_pipeline.check_dataset(self.config, self.config.data.train_split)
 
     def restore(self, quarantine=False):
         """(state, step) of the newest good checkpoint in the workdir, or (None, None)."""
@@ -107,8 +169,14 @@ class Trainer:
         logging.info("resumed from step %d", step)
         return state
 
-    def data(self, start_step):
-        """The training stream from example start_step · per-process batch (exact resume)."""
+    def data(self, start_step, again=False):
+        """The training stream from example start_step · per-process batch (exact resume).
+        again: a data worker asked before for another start is replaced by a new one."""
+        if self.worker is not None:
+            if again:
+                self.worker.close()
+                self._start_worker(data_worker_lib.DataWorker())
+            return self.worker.batches(start_step * self.batch_size)
         from ddpm_jax import input_pipeline
 
         return input_pipeline.train_iterator(
@@ -177,10 +245,12 @@ class Run:
     evaluator: Any = None
     sample_fn: Any = None
     reporter: Any = None
+    batches: Any = None  # the training stream from the restored step
 
     def close(self):
         """Release everything (the lock last), whatever state the run ended in."""
-        for close in (self.manager and self.manager.close, self.reporter and self.reporter.close):
+        closing = (self.manager and self.manager.close, self.reporter and self.reporter.close)
+        for close in (*closing, self.trainer.close):
             try:
                 close and close()
             except Exception as e:  # already reported by the run's own error
@@ -188,20 +258,36 @@ class Run:
         self.lock.release()
 
 
-def _setup(config, workdir, devices):
+def _setup(config, workdir, devices, data_worker):
     """(run, state), all built and checked before the first step. A workdir this call
     created is removed again if setting up fails."""
-    trainer, t = Trainer(config, workdir, devices, prepare_data=True), config.training
+    t, e = config.training, config.eval
+    other_splits = (config.data.eval_split,) if data_worker and e.every and e.nll_batches else ()
+    trainer = Trainer(
+        config, workdir, devices, prepare_data=True, data_worker=data_worker,
+        other_splits=other_splits,
+    )  # fmt: skip
+    timeline.mark("built")
     run = Run(trainer, _lock(trainer.workdir))
     try:
         if config.eval.every:  # built first: a bad Inception path fails before any compiling
             run.evaluator = eval_modes.PeriodicEvaluator(
-                config, trainer.setup, trainer.workdir, trainer.devices
+                config, trainer.setup, trainer.workdir, trainer.devices, not other_splits
             )
         if t.sample_every:
             show = sys.stderr.isatty()
             run.sample_fn = sampling.Sampler(trainer.setup, trainer.devices, show, "sample grid")
+        compiling = trainer.compile_step()  # beside the restore
+        newest = (checkpointing.steps(trainer.workdir) or [0])[0]
+        run.batches = trainer.data(newest)  # a data worker reads from there meanwhile
         state = trainer.restore_or_init()  # holding the lock: it may move damaged steps aside
+        timeline.mark("restored")
+        if int(state.step) != newest:  # the newest was damaged: an older one was restored
+            run.batches = trainer.data(int(state.step), again=True)
+        compiling.result()
+        timeline.mark("compiled")
+        trainer.check_data()
+        timeline.mark("data_checked")
         run.manager = checkpointing.make_manager(trainer.workdir, t.keep_checkpoints, t.keep_period)
     except BaseException:
         run.close()
@@ -256,12 +342,13 @@ def _train(run, state, signals):
     """Steps from state.step to num_steps, or until a stop signal (then saved)."""
     trainer, t = run.trainer, run.trainer.config.training
     start = int(state.step)
-    batches, pending = trainer.data(start), []
+    batches, pending = run.batches, []
     for step in range(start + 1, t.num_steps + 1):
         state, metrics = trainer.train_step(
             state, sharding.global_batch(next(batches), trainer.mesh)
         )
         if step == start + 1:  # compiled and run: the clocks start now
+            timeline.mark("first_step", metrics["loss"])
             run.reporter.begin(int(state.step))
         pending.append((metrics["loss"], metrics["grad_norm"]))  # no host work per step
         if len(pending) > MAX_AHEAD:  # the host stays at most MAX_AHEAD steps ahead
@@ -283,11 +370,13 @@ def _train(run, state, signals):
     return state
 
 
-def train_and_evaluate(config, workdir, devices=None):
+def train_and_evaluate(config, workdir, devices=None, data_worker=False):
     """Train (or resume) per config in workdir: checkpoints, TensorBoard, sample grids and
     periodic evaluation (config.eval.every). On any exit the save in flight is finished
-    first, and an error names the last good checkpoint."""
-    run, state = _setup(config, workdir, devices)
+    first, and an error names the last good checkpoint. data_worker: True, or a DataWorker
+    started earlier: the training data are read in that child process (data_worker.py;
+    train.py's way, for a faster start)."""
+    run, state = _setup(config, workdir, devices, data_worker)
     try:
         if int(state.step) >= config.training.num_steps:
             logging.info("step %d >= num_steps: nothing to do", int(state.step))
