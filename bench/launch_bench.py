@@ -107,13 +107,13 @@ def report(name, repeats):
     """Each mark's median over the repeats (and its range), cold and warm."""
     print(f"{name}: seconds since launch, median of {len(repeats)} (min-max)")
     keys = list(dict.fromkeys(k for runs in repeats for marks in runs for k in marks))
-    print(f"  {'mark':<20} {'cold':>17} {'warm':>17}")
+    print(f"  {'mark':<20} {'cold':>18} {'warm':>18}")
     for key in keys:
         cells = []
         for i in range(2):
             values = [runs[i][key] for runs in repeats if key in runs[i]]
             cell = f"{statistics.median(values):6.2f} ({min(values):.1f}-{max(values):.1f})"
-            cells.append(f"{cell:>17}" if values else f"{'-':>17}")
+            cells.append(f"{cell:>18}" if values else f"{'-':>18}")
         print(f"  {key:<20} {' '.join(cells)}")
     sys.stdout.flush()
 
