@@ -206,6 +206,7 @@ def sampler_spec(config) -> spec.SamplerSpec:
     s, T = config.sampling, config.diffusion.num_timesteps
     try:
         method = spec.choose(spec.SamplerMethod, "method", s.method)
+        spacing = spec.choose(spec.Spacing, "spacing", s.get("spacing", "linspace"))
     except UserError as e:
         raise UserError(f"config.sampling.{e}") from None
     if not 0 <= s.num_steps <= T:
@@ -221,7 +222,7 @@ def sampler_spec(config) -> spec.SamplerSpec:
             f"(config.model.num_classes = 0); got {w}"
         )
     steps = s.num_steps or T
-    return spec.SamplerSpec(method, steps, float(s.eta), s.batch_size, float(w))
+    return spec.SamplerSpec(method, steps, float(s.eta), s.batch_size, float(w), spacing)
 
 
 def train_spec(config) -> spec.TrainSpec:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion, guidance, schedules
+from ddpm_jax import diffusion, guidance, schedules, solvers
 from ddpm_jax.guidance import ModelFn  # (x_t, t) -> network output
 from ddpm_jax.schedules import Schedule
 from ddpm_jax.spec import DiffusionSpec, SamplerMethod, SamplerSpec, Setup
@@ -152,10 +152,15 @@ def sample_segment(
     setup.sampler's chain (num_steps < T respaces it) and method, with x̂_0 clipped as
     setup.diffusion says. A class model takes one label per sample (∅ for none) and the
     guidance weight w (guidance.py; None for none, which costs one network pass per step
-    instead of two)."""
+    instead of two). A multistep solver (solvers.py) runs the whole chain: length is
+    num_steps and t_top its first step."""
     apply = lambda x_t, t, y: setup.model.apply({"params": params}, x_t, t, y)  # noqa: E731
     model_fn = guidance.model_fn(apply, setup.diffusion, labels, w, setup.num_classes)
-    sched = setup.schedule
+    sched, sampler = setup.schedule, setup.sampler
+    if sampler.method.multistep:  # the whole chain (length = num_steps), from x_T
+        ts = solvers.spaced_timesteps(sched.num_timesteps, sampler.num_steps, sampler.spacing)
+        keys = example_keys(rng, x.shape[0], offset)
+        return solvers.solve(sched, setup.diffusion, model_fn, x, ts, sampler.method, keys)
     if setup.respaced:
         sched, model_fn = respaced(sched, model_fn, setup.sampler.num_steps)
     keys = example_keys(rng, x.shape[0], offset)

@@ -78,6 +78,8 @@ class Sampler:
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         self.num_steps = setup.sampler.num_steps
         self.length = reverse.segment_length(self.num_steps)
+        if setup.sampler.method.multistep:  # a solver's history stays in one program
+            self.length = self.num_steps
         self.init = jax.jit(
             functools.partial(reverse.sample_init, setup=setup),
             static_argnames="num_samples",

@@ -54,6 +54,22 @@ class SamplerMethod(enum.StrEnum):
 
     ANCESTRAL = "ancestral"  # Algorithm 2: x_{t-1} ~ p_θ(x_{t-1} | x_t)
     DDIM = "ddim"  # Song et al. 2021 (eq. 12), with η (0: deterministic)
+    DPMPP_2M = "dpm++2m"  # DPM-Solver++(2M), Lu et al. 2022b (solvers.py)
+    DPMPP_3M = "dpm++3m"  # DPM-Solver++(3M)
+    SDE_DPMPP_2M = "sde-dpm++2m"  # SDE-DPM-Solver++(2M): noise at every step
+
+    @property
+    def multistep(self) -> bool:
+        """A solver of solvers.py: the whole chain in one program, history in the carry."""
+        return self not in (SamplerMethod.ANCESTRAL, SamplerMethod.DDIM)
+
+
+class Spacing(enum.StrEnum):
+    """Where a solver's N steps lie among the T training steps (diffusers' names)."""
+
+    LINSPACE = "linspace"  # round(linspace(0, T-1, N+1)) reversed, the last dropped
+    LEADING = "leading"  # (T // N) k for k = N-1 .. 0
+    TRAILING = "trailing"  # round(T - k T/N) - 1 for k = 0 .. N-1
 
 
 class TimestepSampler(enum.StrEnum):
@@ -128,9 +144,10 @@ class SamplerSpec:
     eta: float = 0.0  # DDIM's η; the ancestral method has none
     batch_size: int = 64  # the most samples drawn at once
     guidance: float = 0.0  # the classifier-free guidance weight w of a class model
+    spacing: Spacing = Spacing.LINSPACE  # a multistep solver's timesteps
 
     def __post_init__(self):
-        _set_enums(self, method=SamplerMethod)
+        _set_enums(self, method=SamplerMethod, spacing=Spacing)
 
 
 @dataclasses.dataclass(frozen=True)

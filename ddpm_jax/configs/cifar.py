@@ -69,9 +69,11 @@ def get_config():
     config.sampling = ml_collections.ConfigDict()
     config.sampling.clip_x0 = True
     config.sampling.batch_size = 256
-    config.sampling.method = "ancestral"  # Algorithm 2; or "ddim" (Song et al. 2021)
+    # Algorithm 2; "ddim" (Song et al. 2021); the solvers "dpm++2m", "dpm++3m", "sde-dpm++2m"
+    config.sampling.method = "ancestral"
     config.sampling.eta = 0.0  # DDIM only: 0 deterministic, 1 ancestral-like
     config.sampling.num_steps = 0  # 0: all T steps; fewer: an evenly respaced chain
+    config.sampling.spacing = "linspace"  # a solver's steps: "linspace", "leading", "trailing"
     config.sampling.guidance = 0.0  # class models: classifier-free guidance weight w
 
     config.eval = ml_collections.ConfigDict()
