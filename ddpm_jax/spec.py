@@ -57,6 +57,8 @@ class SamplerMethod(enum.StrEnum):
     DPMPP_2M = "dpm++2m"  # DPM-Solver++(2M), Lu et al. 2022b (solvers.py)
     DPMPP_3M = "dpm++3m"  # DPM-Solver++(3M)
     SDE_DPMPP_2M = "sde-dpm++2m"  # SDE-DPM-Solver++(2M): noise at every step
+    UNIPC_2 = "unipc2"  # UniPC-2 with B(h) = e^{-h} - 1 (bh2), Zhao et al. 2023
+    UNIPC_3 = "unipc3"  # UniPC-3, bh2
 
     @property
     def multistep(self) -> bool:

@@ -139,6 +139,29 @@ def test_sample_fn_guidance_labels_devices_and_one_program(class_model):
     np.testing.assert_allclose(three, guided[:3], rtol=1e-4, atol=1e-5)
 
 
+def test_guidance_through_a_solver_is_the_formula_on_two_calls(class_model):
+    """config.sampling.method = unipc3: sample_fn with labels and w equals solvers.solve on
+    ε̃ = (1 + w) ε(x, t, y) - w ε(x, t, ∅), the two network calls made separately."""
+    from ddpm_jax import solvers
+
+    config, model, params = class_model
+    config = config.copy_and_resolve_references()
+    config.sampling.update(method="unipc3", num_steps=5, batch_size=4)
+    setup, w = config_lib.build(config), 2.0
+    rng, labels = jax.random.PRNGKey(6), np.array([2, 7, 0, 7])
+    got = sampling.make_sample_fn(setup)(params, rng, 4, "float", labels, guidance=w)
+    apply = lambda x, t, y: model.apply({"params": params}, x, t, y)  # noqa: E731
+    null = guidance.null_labels(4, K)
+    eps = lambda x, t: (1 + w) * apply(x, t, jnp.asarray(labels)) - w * apply(x, t, null)  # noqa: E731
+    x_T = reverse.initial_noise(reverse.example_keys(rng, 4), (8, 8, 1), 5)
+    ts = solvers.spaced_timesteps(20, 5)
+    want = solvers.solve(setup.schedule, setup.diffusion, eps, x_T, ts, "unipc3")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    conditional = lambda x, t: apply(x, t, jnp.asarray(labels))  # noqa: E731
+    plain = solvers.solve(setup.schedule, setup.diffusion, conditional, x_T, ts, "unipc3")
+    assert float(np.max(np.abs(got - plain))) > 1e-3  # w does something
+
+
 def test_bad_labels_and_guidance_are_refused(class_model, tiny_model):
     config, _, params = class_model
     sample_fn = sampling.make_sample_fn(config)

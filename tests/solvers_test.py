@@ -1,6 +1,6 @@
-"""solvers: DPM-Solver++ 2M/3M and SDE-DPM-Solver++ 2M against diffusers' trajectories
-(tests/fixtures/make_solver_references.py), the exact probability-flow ODE of Gaussian
-data approached as steps grow, per-sample SDE noise, and the timestep spacings."""
+"""solvers: DPM-Solver++ 2M/3M, SDE-DPM-Solver++ 2M and UniPC-2/3 (bh2) against diffusers'
+trajectories (tests/fixtures/make_solver_references.py), the exact probability-flow ODE of
+Gaussian data approached as steps grow, per-sample SDE noise, and the timestep spacings."""
 
 from pathlib import Path
 
@@ -18,6 +18,8 @@ SOLVERS = {
     "dpmpp_2m": SamplerMethod.DPMPP_2M,
     "dpmpp_3m": SamplerMethod.DPMPP_3M,
     "sde_dpmpp_2m": SamplerMethod.SDE_DPMPP_2M,
+    "unipc_2": SamplerMethod.UNIPC_2,
+    "unipc_3": SamplerMethod.UNIPC_3,
 }
 
 
@@ -57,11 +59,16 @@ def gaussian_data_model(s):
     return model
 
 
-@pytest.mark.parametrize("solver", [SamplerMethod.DPMPP_2M, SamplerMethod.DPMPP_3M])
+@pytest.mark.parametrize(
+    "solver",
+    [SamplerMethod.DPMPP_2M, SamplerMethod.DPMPP_3M, SamplerMethod.UNIPC_2, SamplerMethod.UNIPC_3],
+)
 def test_more_steps_approach_the_exact_ode_solution(solver):
     """For Gaussian data the probability-flow ODE scales x by the ratio of marginal stds,
     x_t = √(ᾱ_t s² + 1 - ᾱ_t) / √(ᾱ_T s² + 1 - ᾱ_T) x_T. On steps from t = 999 to t = 99 (then
-    the jump to σ = 0), the error at t = 99 falls at least as fast as second order."""
+    the jump to σ = 0), the error at t = 99 falls with every halving of the steps and by at
+    least second order over three (8x the steps: > 50x; integer timesteps make the step
+    ratios uneven, so single halvings vary: 2M 8.6-14x, 3M 3.9-5.9x, UniPC-2 2.1-11x)."""
     s = 0.5
     x_T = jax.random.normal(jax.random.key(0), (4, 4, 4, 1))
     spec = DiffusionSpec(mean_type="eps", clip_x0=False)
@@ -73,7 +80,7 @@ def test_more_steps_approach_the_exact_ode_solution(solver):
         xs = solvers.solve(SCHED, spec, gaussian_data_model(s), x_T, ts, solver, trajectory=True)
         errors.append(float(jnp.max(jnp.abs(xs[-2] - exact))))
     ratios = [a / b for a, b in zip(errors, errors[1:], strict=False)]
-    assert min(ratios) > 3.5 and errors[-1] < 2e-4, errors  # halving h: 4x at order 2
+    assert min(ratios) > 2 and errors[0] / errors[-1] > 50 and errors[-1] < 2e-4, errors
 
 
 def test_sde_noise_depends_on_the_sample_alone():
@@ -103,6 +110,8 @@ def test_spacings_and_orders():
     assert solvers.step_orders(10, 3) == [1, 2, 3, 3, 3, 3, 3, 3, 2, 1]
     assert solvers.step_orders(20, 3) == [1, 2] + [3] * 17 + [1]
     assert solvers.step_orders(3, 2) == [1, 2, 1]
+    assert solvers.step_orders(10, 3, "unipc3") == [1, 2, 3, 3, 3, 3, 3, 3, 2, 1]
+    assert solvers.step_orders(20, 3, "unipc3") == [1, 2] + [3] * 16 + [2, 1]
     with pytest.raises(ValueError, match="decreasing"):
         solvers.solve(SCHED, DiffusionSpec(), analytic_model, jnp.zeros((1, 2, 2, 1)), [1, 5])
 
