@@ -44,6 +44,7 @@ from ddpm_jax.schedules import Schedule
 from ddpm_jax.spec import DiffusionSpec, SamplerMethod, Spacing
 
 ORDER = {
+    SamplerMethod.DDIM: 1,  # DPM-Solver++ of order 1 is DDIM with η = 0
     SamplerMethod.DPMPP_2M: 2,
     SamplerMethod.DPMPP_3M: 3,
     SamplerMethod.SDE_DPMPP_2M: 2,
@@ -170,12 +171,13 @@ def _third_order(alpha, phi, h, r0, r1):
 
 def solve(
     sched: Schedule, spec: DiffusionSpec, model_fn: ModelFn, x_T: jax.Array, timesteps,
-    solver=SamplerMethod.DPMPP_2M, noise=None, trajectory: bool = False,
+    solver=SamplerMethod.DPMPP_2M, noise=None, trajectory: bool = False, project=None,
 ) -> jax.Array:  # fmt: skip
     """x_0 from x_T (taken as x at timesteps[0]) by `solver`, one network call per step, as
     one `lax.scan`. model_fn(x_t, t) -> network output. The SDE solver's z_i is
     diffusion.step_noise(noise, i, x) for step i (noise: one key per sample, a function, or
-    an array with one draw per step on axis 0). trajectory: x after every step, stacked."""
+    an array with one draw per step on axis 0). trajectory: x after every step, stacked.
+    project(x, i), if given, replaces x after step i (editing.py keeps a mask's region)."""
     solver, timesteps = SamplerMethod(solver), np.asarray(timesteps, np.int32)
     stochastic = solver == SamplerMethod.SDE_DPMPP_2M
     if solver not in ORDER:
@@ -203,6 +205,8 @@ def solve(
         x = a * x + sum(c[k] * m for k, m in enumerate(ms[: c.shape[0]]))
         if stochastic:
             x = x + s * diffusion.step_noise(noise, i, x)
+        if project is not None:
+            x = project(x, i)
         return (x, x_last, ms[:-1]), (x if trajectory else None)
 
     history = (jnp.zeros_like(x_T),) * (k["w" if "w" in k else "c"].shape[1] - 1)
