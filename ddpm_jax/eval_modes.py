@@ -16,8 +16,11 @@ from ddpm_jax import bound, events, fid, fs, inception, plots, sampling, shardin
 from ddpm_jax.errors import UserError
 from ddpm_jax.spec import Setup
 
-MODES = ("nll", "fid", "is", "fid_data")
-TB_NAMES = {"bpd": "nll_bpd", "fid": "fid", "is": "inception_score"}
+MODES = ("nll", "fid", "is", "kid", "pr", "fid_data")
+TB_NAMES = {
+    "bpd": "nll_bpd", "fid": "fid", "is": "inception_score", "kid": "kid",
+    "precision": "precision", "recall": "recall",
+}  # fmt: skip
 
 
 def stats_dir(config):
@@ -74,11 +77,13 @@ def write_results(workdir, step, scalars, arrays=None) -> list:
     return written
 
 
-def reference_statistics(config, network, batch_size, progress=False, devices=None):
-    """(μ, Σ, N) of config.eval.fid_split, from the cache or computed and cached."""
+def reference_statistics(config, network, batch_size, progress=False, devices=None, features=False):
+    """fid.Reference of config.eval.fid_split, from the cache or computed and cached
+    (features=True: with its features, for KID and precision/recall)."""
     return fid.dataset_statistics(
-        config, network, config.eval.fid_split, stats_dir(config), batch_size, devices, progress
-    )
+        config, network, config.eval.fid_split, stats_dir(config), batch_size, devices, progress,
+        features,
+    )  # fmt: skip
 
 
 def run(config, setup: Setup, params, modes, num_samples, batch_size, max_batches=None,
@@ -86,30 +91,34 @@ def run(config, setup: Setup, params, modes, num_samples, batch_size, max_batche
     """The asked-for modes -> (scalars, arrays) for the model of `setup` on the data of
     `config`. max_batches limits the bound; fid_data is the FID of config.eval.fid_split
     against other_split (a real-data baseline); kwargs: progress, devices."""
-    network = None
-    if {"fid", "is", "fid_data"} & set(modes):
+    network, sample_metrics = None, [m for m in modes if m in fid.SAMPLE_METRICS]
+    if sample_metrics or "fid_data" in modes:
         network = fid.load_network(config.eval.inception_path)
     check_modes(modes, network)
     if "fid_data" in modes and not other_split:
         raise UserError("mode fid_data needs the split to compare with (--other_split)")
+    if {"kid", "pr"} & set(modes) and num_samples < 4:
+        raise UserError(f"KID and precision/recall need at least 4 samples, got {num_samples}")
     scalars, arrays, reference = {}, None, None
     if "nll" in modes:
         scalars, arrays = nll(config, setup, params, batch_size, max_batches, seed=seed, **kwargs)
-    if {"fid", "fid_data"} & set(modes):
-        reference = reference_statistics(config, network, batch_size, **kwargs)
+    if {"fid", "fid_data", "kid", "pr"} & set(modes):
+        features = bool({"kid", "pr"} & set(modes))
+        reference = reference_statistics(config, network, batch_size, **kwargs, features=features)
         scalars["fid_reference"] = f"{config.data.dataset} {config.eval.fid_split}"
-        scalars["fid_reference_examples"] = reference[2]
-    if {"fid", "is"} & set(modes):
-        ref = reference if "fid" in modes else None
+        scalars["fid_reference_examples"] = reference.num_examples
+    if sample_metrics:
         sampler = sampling.Sampler(setup, kwargs.get("devices"), kwargs.get("progress", False))
         acts = fid.SampleActivations(sampler, network)
-        scalars.update(fid.sample_quality(acts, params, num_samples, ref, seed))
+        scalars.update(
+            fid.sample_quality(acts, params, num_samples, reference, seed, sample_metrics)
+        )
     if "fid_data" in modes:
-        mu, sigma, n = fid.dataset_statistics(
+        other = fid.dataset_statistics(
             config, network, other_split, stats_dir(config), batch_size, **kwargs
         )
-        scalars.update(fid_data=fid.frechet_distance(*reference[:2], mu, sigma))
-        scalars.update(fid_data_split=other_split, fid_data_examples=n)
+        scalars.update(fid_data=fid.frechet_distance(*reference[:2], other.mu, other.sigma))
+        scalars.update(fid_data_split=other_split, fid_data_examples=other.num_examples)
     return scalars, arrays
 
 

@@ -11,6 +11,11 @@ Modes (--eval, comma-separated):
             paper) against config.eval.fid_split (the paper: train), whose statistics are
             cached in config.eval.stats_dir;
   is        Inception Score over 10 splits (needs a network file with its classifier);
+  kid       KID (unbiased MMD², cubic polynomial kernel; mean ± std over 100 subsets of up
+            to 1000) against the first 10k examples of config.eval.fid_split: unbiased,
+            so usable with a few hundred samples where FID is not;
+  pr        precision and recall (Kynkäänniemi et al. 2019, k = 3) against the same;
+            fid, is, kid and pr share one pass of the samples through the network;
   fid_data  FID of config.eval.fid_split against --other_split: a real-data baseline.
 Writes WORKDIR/eval/step_N.json and TensorBoard scalars (eval/nll_bpd, eval/fid, ...).
 """
@@ -35,7 +40,10 @@ def define_flags():
     flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint is evaluated).")
     flags.DEFINE_list("eval", ["nll", "fid"], f"Modes, comma-separated, among {eval_modes.MODES}.")
     flags.DEFINE_integer(
-        "num_samples", None, "FID / IS samples (default config.eval.num_samples).", lower_bound=2
+        "num_samples",
+        None,
+        "FID / IS / KID / PR samples (default config.eval.num_samples).",
+        lower_bound=2,
     )
     flags.DEFINE_integer("batch_size", None, "Global batch (default config.eval.batch_size).")
     flags.DEFINE_integer("max_batches", None, "Bound on only this many batches.", lower_bound=1)
@@ -54,7 +62,7 @@ def main(argv):
     batch_size = config.eval.batch_size if FLAGS.batch_size is None else FLAGS.batch_size
     config_lib.check_batch("eval.batch_size", batch_size, jax.device_count(), jax.process_count())
     params, step = checkpointing.restore_params(FLAGS.workdir, config)
-    if set(FLAGS.eval) & {"nll", "fid", "fid_data"}:  # these read the dataset
+    if set(FLAGS.eval) & {"nll", "fid", "kid", "pr", "fid_data"}:  # these read the dataset
         data.ensure_prepared(config, log=logging.info)
     scalars, arrays = eval_modes.run(
         config,

@@ -8,7 +8,9 @@ images are repeated to 3 channels.
 The reference statistics (μ, Σ of the 2048-d pool3 features over every example of a
 dataset split, after the training pipeline's resize to config.data.image_size) are cached
 as STATS_DIR/<dataset>_<split>_<H>x<W>x<C>.npz. The paper's FID is against the training
-set (Ho et al. 2020, Table 1: 3.17 on CIFAR10 train, 5.24 on test).
+set (Ho et al. 2020, Table 1: 3.17 on CIFAR10 train, 5.24 on test). The cache also keeps
+the features of the split's first REFERENCE_FEATURES examples, for KID and precision /
+recall (feature_metrics.py), which use the same feature pass of the samples as FID.
 """
 
 import hashlib
@@ -16,6 +18,7 @@ import logging
 import re
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -23,7 +26,7 @@ import scipy.linalg
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ddpm_jax import bound, fs, guidance, images, inception, sharding
+from ddpm_jax import bound, feature_metrics, fs, guidance, images, inception, sharding
 from ddpm_jax.errors import UserError
 
 # ---- The formulas ------------------------------------------------------------------------
@@ -67,6 +70,19 @@ def inception_score(probs: np.ndarray, num_splits: int = 10) -> tuple[float, flo
         kl = np.sum(part * (np.log(np.maximum(part, 1e-30)) - log_p_y), axis=1)
         scores.append(np.exp(kl.mean()))
     return float(np.mean(scores)), float(np.std(scores))
+
+
+SAMPLE_METRICS = ("fid", "is", "kid", "pr")
+REFERENCE_FEATURES = 10_000  # the reference features kept for KID and precision/recall
+
+
+class Reference(NamedTuple):
+    """A dataset split's pool3 statistics, and the features of its first examples."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    num_examples: int
+    features: np.ndarray | None = None  # at most REFERENCE_FEATURES rows
 
 
 # ---- Activations -------------------------------------------------------------------------
@@ -123,31 +139,37 @@ def stats_path(stats_dir, config, split: str) -> epath.Path:
     return fs.as_path(stats_dir) / f"{name}_{size}_{digest}.npz"
 
 
-def _read_cache(path, net_id):
+def _read_cache(path, net_id, features: bool):
     if not path.is_file():
         return None
     cached = fs.load_npz(path)
     if str(cached["network_id"]) != net_id:
         logging.warning("%s was computed with another Inception file: recomputing", path)
         return None
-    return cached["mu"], cached["sigma"], int(cached["num_examples"])
+    if features and "features" not in cached:  # written before KID: no features kept
+        return None
+    kept = cached.get("features")
+    return Reference(cached["mu"], cached["sigma"], int(cached["num_examples"]), kept)
 
 
-def _write_cache(path, mu, sigma, num, net_id):
+def _write_cache(path, reference: Reference, net_id):
     """Written whole (fs.write_bytes): a cache file is never partial."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fs.save_npz(path, mu=mu, sigma=sigma, num_examples=num, network_id=net_id)
+    mu, sigma, num, features = reference
+    fs.save_npz(path, mu=mu, sigma=sigma, num_examples=num, network_id=net_id, features=features)
 
 
 def dataset_statistics(
-    config, network, split: str, stats_dir, batch_size: int, devices=None, progress=False
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """(μ, Σ, N) of the pool3 features of every example of `split`, read from the cache in
-    stats_dir or computed (sharded over all devices and processes) and cached there.
-    network = load_network(path)."""
+    config, network, split: str, stats_dir, batch_size: int, devices=None, progress=False,
+    features=False,
+) -> Reference:  # fmt: skip
+    """The Reference of the pool3 features of every example of `split`, read from the
+    cache in stats_dir or computed (sharded over all devices and processes) and cached
+    there. network = load_network(path). features=True: a cache without the reference
+    features (written by an older version) is recomputed."""
     params, net_id = network
     path = stats_path(stats_dir, config, split)
-    cached = _read_cache(path, net_id)
+    cached = _read_cache(path, net_id, features)
     if jax.process_count() > 1:  # computing is collective: all read the cache, or none
         found = multihost_utils.process_allgather(np.int32(cached is not None))
         cached = cached if np.all(found) else None
@@ -159,9 +181,10 @@ def dataset_statistics(
         lambda x, i, *_: act(x)["pool3"], config, batch_size, mesh, split=split, progress=progress
     )
     mu, sigma = feature_statistics(feats)
+    reference = Reference(mu, sigma, len(feats), np.asarray(feats[:REFERENCE_FEATURES], np.float32))
     if jax.process_index() == 0:
-        _write_cache(path, mu, sigma, len(feats), net_id)
-    return mu, sigma, len(feats)
+        _write_cache(path, reference, net_id)
+    return reference
 
 
 # ---- Samples -----------------------------------------------------------------------------
@@ -187,16 +210,24 @@ class SampleActivations:
 
 
 def sample_quality(
-    activations_fn: SampleActivations, params, num_samples: int, reference, seed: int = 0
-) -> dict:
-    """{'num_samples'}, 'fid' against reference = (μ, Σ, ...) of a dataset split (None:
-    no FID) and, when the network has its classifier, 'is' and 'is_std' (10 splits), of
-    num_samples samples of PRNGKey(seed)."""
+    activations_fn: SampleActivations, params, num_samples: int, reference, seed: int = 0,
+    metrics=("fid", "is"),
+) -> dict:  # fmt: skip
+    """{'num_samples'} and the asked-for `metrics` (SAMPLE_METRICS) of num_samples samples
+    of PRNGKey(seed), from one feature pass: 'fid' against reference (a Reference, or
+    (μ, Σ)); 'is' and 'is_std' (10 splits) when the network has its classifier; 'kid' and
+    'kid_std' (100 subsets of up to 1000) and 'precision' and 'recall' (k = 3) against
+    reference.features."""
     acts = activations_fn(params, jax.random.PRNGKey(seed), num_samples)
-    result = {"num_samples": num_samples}
-    if reference is not None:
-        stats = feature_statistics(acts["pool3"])
-        result["fid"] = frechet_distance(*stats, *reference[:2])
-    if "probs" in acts:
+    result, fake = {"num_samples": num_samples}, acts["pool3"]
+    if "fid" in metrics and reference is not None:
+        result["fid"] = frechet_distance(*feature_statistics(fake), *reference[:2])
+    if "is" in metrics and "probs" in acts:
         result["is"], result["is_std"] = inception_score(acts["probs"])
+    if "kid" in metrics:
+        result["kid"], result["kid_std"] = feature_metrics.kid(reference.features, fake, seed=seed)
+    if "pr" in metrics:
+        result["precision"], result["recall"] = feature_metrics.precision_recall(
+            reference.features, fake
+        )
     return result

@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 from conftest import fid_file, mnist_data_dir
 
-from ddpm_jax import config_lib, fid, images, inception, input_pipeline, sampling
+from ddpm_jax import (
+    config_lib,
+    feature_metrics,
+    fid,
+    fs,
+    images,
+    inception,
+    input_pipeline,
+    sampling,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,7 +125,7 @@ def tiny_config():
 
 def test_dataset_statistics_sharded_and_cached(network, tmp_path, monkeypatch):
     config, split = tiny_config(), "test[:10]"
-    mu, sigma, n = fid.dataset_statistics(config, network, split, tmp_path, batch_size=8)
+    mu, sigma, n, kept = fid.dataset_statistics(config, network, split, tmp_path, batch_size=8)
     # Independently: the pipeline's images as uint8, the network on one device.
     ds, _ = input_pipeline.eval_dataset(config, 10, split=split)
     x0, mask, _ = next(ds.as_numpy_iterator())
@@ -124,6 +133,7 @@ def test_dataset_statistics_sharded_and_cached(network, tmp_path, monkeypatch):
     feats = reference_features(network[0], images.to_uint8(x0))
     np.testing.assert_allclose(mu, feats.mean(0), atol=1e-5)
     np.testing.assert_allclose(sigma, np.cov(feats.astype(np.float64), rowvar=False), atol=1e-5)
+    np.testing.assert_allclose(kept, feats, atol=1e-5)  # for KID and precision/recall
     path = fid.stats_path(tmp_path, config, split)
     assert path.name.startswith("mnist_test-10_8x8x1_") and path.is_file()
     halves = {fid.stats_path(tmp_path, config, s) for s in ("test[:50]", "test[50:]")}
@@ -135,6 +145,11 @@ def test_dataset_statistics_sharded_and_cached(network, tmp_path, monkeypatch):
     with pytest.raises(pytest.fail.Exception, match="recomputed"):
         fid.dataset_statistics(config, (network[0], "another"), split, tmp_path, batch_size=8)
     assert not list(tmp_path.glob(".*tmp*"))
+    # A cache written before KID (no features) serves FID, and is redone for KID / PR.
+    fs.save_npz(path, mu=mu, sigma=sigma, num_examples=n, network_id=network[1])
+    assert fid.dataset_statistics(config, network, split, tmp_path, batch_size=8).features is None
+    with pytest.raises(pytest.fail.Exception, match="recomputed"):
+        fid.dataset_statistics(config, network, split, tmp_path, batch_size=8, features=True)
 
 
 def test_sample_quality_equals_the_plain_route(network, tiny_model):
@@ -148,3 +163,12 @@ def test_sample_quality_equals_the_plain_route(network, tiny_model):
     expected = fid.frechet_distance(*fid.feature_statistics(feats), mu, sigma)
     assert result["num_samples"] == 6 and "is" not in result
     np.testing.assert_allclose(result["fid"], expected, rtol=1e-5)
+    # KID and precision/recall from the same pass, against a Reference's features.
+    real = np.random.default_rng(0).normal(size=(12, 2048)).astype(np.float32) + feats.mean(0)
+    reference = fid.Reference(mu, sigma, 12, real)
+    more = fid.sample_quality(acts, params, 6, reference, 3, metrics=("kid", "pr"))
+    assert "fid" not in more and "is" not in more
+    kid = feature_metrics.kid(real, feats, seed=3)
+    np.testing.assert_allclose((more["kid"], more["kid_std"]), kid, rtol=1e-4, atol=1e-6)
+    pr = feature_metrics.precision_recall(real, feats)
+    assert (more["precision"], more["recall"]) == pr

@@ -68,7 +68,7 @@ def test_evaluate_py_writes_the_bound_and_fids(tmp_path):
     cmd = [sys.executable, str(ROOT / "evaluate.py"), "--config", str(ROOT / "configs" / "tiny.py")]
     cmd += ["--workdir", str(tmp_path), f"--config.data.data_dir={config.data.data_dir}"]
     cmd += ["--batch_size=4"]
-    cmd += ["--max_batches=2", "--eval=nll,fid,fid_data", "--num_samples=4"]
+    cmd += ["--max_batches=2", "--eval=nll,fid,kid,pr,fid_data", "--num_samples=4"]
     cmd += ["--config.eval.fid_split=test[:4]", "--other_split=test[4:8]"]
     cmd += [f"--config.eval.inception_path={fid_file()}"]
     cmd += [f"--config.eval.stats_dir={tmp_path / 'stats'}"]
@@ -79,6 +79,8 @@ def test_evaluate_py_writes_the_bound_and_fids(tmp_path):
     assert summary["num_examples"] == 8 and summary["bpd"] > summary["decoder_bpd"] > 0
     assert summary["num_samples"] == 4 and summary["fid"] > summary["fid_data"] > 0
     assert summary["fid_reference"] == "mnist test[:4]" and summary["fid_data_examples"] == 4
+    assert summary["kid_std"] >= 0 and np.isfinite(summary["kid"])  # from the same pass
+    assert 0 <= summary["precision"] <= 1 and 0 <= summary["recall"] <= 1
     arrays = np.load(tmp_path / "eval" / "nll_step_2.npz")
     assert arrays["terms_bpd"].shape == (20,)
     np.testing.assert_allclose(arrays["rate_bpd"][0], summary["bpd"], rtol=1e-5)
