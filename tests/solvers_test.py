@@ -140,3 +140,22 @@ def test_sample_fn_runs_a_solver_as_its_whole_chain(tiny_model, method):
     assert sample_fn.length == 6 and sample_fn.segment._cache_size() == 1  # one program
     if setup.sampler.method == SamplerMethod.SDE_DPMPP_2M:  # noise of sample i: (rng, i)
         np.testing.assert_allclose(sample_fn(params, rng, 4, output="float"), got[:4], atol=1e-5)
+
+
+@pytest.mark.parametrize("solver", [SamplerMethod.DPMPP_3M, SamplerMethod.UNIPC_2])
+def test_a_learned_range_model_is_solved_on_its_mean_half(solver):
+    """The variance half of a learned-range model's output changes nothing in an ODE step."""
+    x_T = jax.random.normal(jax.random.key(9), (2, 4, 4, 1))
+    learned = DiffusionSpec(
+        mean_type="v", var_type="learned_range", loss_type="hybrid", clip_x0=False
+    )
+    ts = solvers.spaced_timesteps(1000, 8)
+
+    def with_variance(x, t):
+        return jnp.concatenate([analytic_model(x, t), jnp.cos(3 * x)], axis=-1)
+
+    got = solvers.solve(SCHED, learned, with_variance, x_T, ts, solver)
+    mean_only = DiffusionSpec(mean_type="v", clip_x0=False)
+    np.testing.assert_allclose(
+        got, solvers.solve(SCHED, mean_only, analytic_model, x_T, ts, solver)
+    )
