@@ -57,8 +57,13 @@ class DataWorker:
         self.started = True
 
     def _send(self, value):
-        self.proc.stdin.write(pickle.dumps(value))
-        self.proc.stdin.flush()
+        """value to the child; if it has ended (its error already written), that error."""
+        try:
+            self.proc.stdin.write(pickle.dumps(value))
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            while True:  # its messages up to its ERROR, or a RuntimeError at their end
+                self._receive()
 
     def _receive(self):
         """(kind, payload) of the child's next message; an ERROR is raised here."""

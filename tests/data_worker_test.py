@@ -48,6 +48,14 @@ def test_a_dataset_error_is_the_same_user_error(tmp_path):
         worker.close()
     assert str(remote.value) == str(local.value)
     assert "not prepared" in str(remote.value)
+    # A child that has already ended after its error: sending the start raises that error.
+    worker = started(config)
+    try:
+        worker.proc.wait(timeout=120)
+        with pytest.raises(UserError, match="not prepared"):
+            worker.batches(0)
+    finally:
+        worker.close()
 
 
 def test_a_child_that_dies_is_reported():
