@@ -55,19 +55,20 @@ def rows_to_run(args, num_timesteps):
 
 
 def draw_features(config, params, method, steps, args, activations):
-    """(features (N, 2048), seconds per sample after the first chunk) of one row."""
+    """(features (N, 2048), sampling seconds per sample after the first chunk, which
+    compiles) of one row; the Inception pass is not timed."""
     config = config.copy_and_resolve_references()
     config.sampling.update(method=method, num_steps=steps, batch_size=args.batch_size)
     sampler = sampling.Sampler(config_lib.build(config))
-    rng, features, start = jax.random.PRNGKey(args.seed), [], None
-    for k, chunk in enumerate(sampler.chunks(params, rng, args.num_samples)):
-        chunk.block_until_ready()
-        if k == 0:
-            start = time.perf_counter()  # the first chunk compiled the sampler
+    chunks = sampler.chunks(params, jax.random.PRNGKey(args.seed), args.num_samples)
+    features, seconds, timed = [], 0.0, 0
+    for k in range(-(-args.num_samples // args.batch_size)):
+        start = time.perf_counter()
+        chunk = next(chunks).block_until_ready()
+        if k > 0:
+            seconds, timed = seconds + time.perf_counter() - start, timed + len(chunk)
         features.append(np.asarray(activations(chunk)["pool3"]))
-    timed = max(args.num_samples - args.batch_size, 1)
-    per_sample = (time.perf_counter() - start) / timed
-    return np.concatenate(features)[: args.num_samples], per_sample
+    return np.concatenate(features)[: args.num_samples], seconds / max(timed, 1)
 
 
 def measure(row, features, seconds, reference):
