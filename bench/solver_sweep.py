@@ -7,8 +7,9 @@ For each solver (--solvers, default dpm++2m, unipc3 and ddim) and step count (--
 default 10, 15, 20, 25, 50, 100), and for Algorithm 2 with all T steps, draws --num_samples
 samples of the EMA parameters (the same seed for every row), and reports KID (mean ± std
 over 100 subsets) and FID of their Inception features against --reference_split, and the
-wall time per sample (after the first chunk, which compiles). Writes OUT.json, OUT.md (the
-table) and OUT.png (KID against network calls, log scale), and prints for each solver the
+sampling time per sample (after the first chunk, which compiles). Algorithm 2 runs first,
+then the solvers by step count. Writes OUT.json and OUT.md (the table) after every row and
+OUT.png (KID against network calls, log scale) at the end, and prints for each solver the
 fewest steps whose KID is within one std of Algorithm 2's, with the speed-up.
 """
 
@@ -49,9 +50,11 @@ def parse():
 
 
 def rows_to_run(args, num_timesteps):
-    """(method, steps) of every row: the solvers' grid, then Algorithm 2 with all T."""
+    """(method, steps) of every row: Algorithm 2 with all T (the baseline) first, then the
+    solvers' grid by step count, so that a run stopped early has the baseline and the
+    smallest counts."""
     rows = [(m, int(n)) for m in args.solvers.split(",") for n in args.steps.split(",")]
-    return rows + [("ancestral", num_timesteps)]
+    return [("ancestral", num_timesteps)] + sorted(rows, key=lambda row: row[1])
 
 
 def draw_features(config, params, method, steps, args, activations):
@@ -82,14 +85,13 @@ def measure(row, features, seconds, reference):
 
 
 def summary(results):
-    """For each solver: the fewest steps within one std of Algorithm 2's KID, and the
-    wall-time ratio at that row."""
-    base = results[-1]
+    """For each solver: the fewest steps within one std of Algorithm 2's KID (the first
+    row), and the wall-time ratio at that row."""
+    base, rows = results[0], results[1:]
     lines = []
-    for method in dict.fromkeys(r["method"] for r in results[:-1]):
+    for method in dict.fromkeys(r["method"] for r in rows):
         good = [
-            r for r in results[:-1]
-            if r["method"] == method and r["kid"] <= base["kid"] + base["kid_std"]
+            r for r in rows if r["method"] == method and r["kid"] <= base["kid"] + base["kid_std"]
         ]  # fmt: skip
         if not good:
             lines.append(f"{method}: no step count within one std of Algorithm 2's KID")
@@ -163,18 +165,22 @@ def main():
     activations = fid.make_activations_fn(
         network[0], sampling.Sampler(config_lib.build(config)).mesh
     )
-    results = []
+    results, out = [], Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for row in rows_to_run(args, config.diffusion.num_timesteps):
         features, seconds = draw_features(config, params, *row, args, activations)
         results.append(measure(row, features, seconds, reference))
         print(json.dumps(results[-1]), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(dict(step=step, rows=results), indent=1))
-    text = table(results) + "\n\n" + "\n".join(summary(results)) + "\n"
-    out.with_suffix(".md").write_text(text)
+        write(out, step, results)  # after every row: a run stopped early keeps its rows
     plot(out.with_suffix(".png"), results)
-    print(f"EMA parameters of step {step}, {args.num_samples} samples per row\n\n{text}")
+    print(f"EMA parameters of step {step}, {args.num_samples} samples per row\n")
+    print(out.with_suffix(".md").read_text())
+
+
+def write(out, step, results):
+    """OUT.json and OUT.md (the table and, once there are solver rows, the summary)."""
+    out.with_suffix(".json").write_text(json.dumps(dict(step=step, rows=results), indent=1))
+    out.with_suffix(".md").write_text(table(results) + "\n\n" + "\n".join(summary(results)) + "\n")
 
 
 if __name__ == "__main__":
