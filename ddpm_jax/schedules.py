@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SCHEDULES = ("linear", "quad", "const", "jsd", "warmup10", "warmup50", "cosine")
+SCHEDULES = ("linear", "quad", "scaled_linear", "const", "jsd", "warmup10", "warmup50", "cosine")
 
 
 def _warmup_betas(beta_start, beta_end, num_timesteps, warmup_frac):
@@ -37,13 +37,15 @@ def get_beta_schedule(
     if not isinstance(num_timesteps, int | np.integer) or num_timesteps < 1:
         raise ValueError(f"num_timesteps (T) must be an integer >= 1, got {num_timesteps!r}")
     T = int(num_timesteps)
-    if name in ("linear", "quad", "warmup10", "warmup50") and not beta_start <= beta_end:
+    if name in ("linear", "quad", "scaled_linear", "warmup10", "warmup50") and not (
+        beta_start <= beta_end
+    ):
         raise ValueError(
             f"beta_start ({beta_start}) must be <= beta_end ({beta_end}): β grows with t"
         )
     if name == "linear":
         betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
-    elif name == "quad":
+    elif name in ("quad", "scaled_linear"):  # LDM / Stable Diffusion call it scaled_linear
         betas = np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
     elif name == "const":
         betas = beta_end * np.ones(T, dtype=np.float64)

@@ -35,11 +35,22 @@ class UNetConfig:
     dtype: str = "float32"  # computation dtype; parameters are always float32
     precision: str = "default"  # of convolutions and matmuls: "default" or "highest"
     num_classes: int = 0  # 0: unconditional (the paper); > 0: a class embedding
+    # Options of diffusers' UNet2DModel (diffusers_io.py); the defaults are the paper's.
+    norm_groups: int = 32  # GroupNorm groups
+    norm_eps: float = 1e-6  # GroupNorm ε (tf.contrib's default)
+    attn_head_dim: int = 0  # channels per attention head; 0: one head (the paper)
+    scale_shift: bool = False  # time as norm2(h)(1 + s) + b, not h + b before norm2
+    downsample_pad: str = "same"  # "same": 0 before, 1 after (TF); "symmetric": 1 each side
+    time_flip: bool = False  # the time embedding as [cos, sin] instead of [sin, cos]
+    time_shift: float = 1.0  # its frequencies exp(-ln(1e4) i / (half - time_shift))
+    mid_attn_groups: int = 0  # GroupNorm groups of the middle attention: 0 = norm_groups,
+    # -1: no norm there (diffusers' scale_shift models)
 
     def __post_init__(self):
-        if self.ch < 32 or self.ch % 32:
+        if self.norm_groups < 1 or self.ch < 1 or self.ch % self.norm_groups:
             raise ValueError(
-                f"ch must be a positive multiple of 32 (GroupNorm has 32 groups), got {self.ch}"
+                f"ch must be a positive multiple of norm_groups ({self.norm_groups} GroupNorm "
+                f"groups), got {self.ch}"
             )
         if not self.ch_mult or any(m < 1 for m in self.ch_mult):
             raise ValueError(
@@ -59,6 +70,25 @@ class UNetConfig:
             raise ValueError(
                 f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}"
             )
+        self._check_diffusers_options()
+
+    def _check_diffusers_options(self):
+        widths = sorted({self.ch * m for m in self.ch_mult})
+        if self.attn_head_dim < 0 or any(w % (self.attn_head_dim or w) for w in widths):
+            raise ValueError(
+                f"attn_head_dim must be 0 (one head) or divide every width {widths}, "
+                f"got {self.attn_head_dim}"
+            )
+        if self.downsample_pad not in ("same", "symmetric"):
+            raise ValueError(
+                f"downsample_pad must be 'same' or 'symmetric', got {self.downsample_pad!r}"
+            )
+        groups = self.mid_attn_groups
+        if groups < -1 or (groups > 0 and widths[-1] % groups) or not self.norm_eps > 0:
+            raise ValueError(
+                f"mid_attn_groups must be -1, 0 or divide {widths[-1]}, and norm_eps > 0; got "
+                f"{groups}, {self.norm_eps}"
+            )
 
     def check_image_size(self, size: int) -> None:
         """Raise ValueError unless `size` halves cleanly at every downsampling."""
@@ -77,13 +107,14 @@ def default_init(scale: float = 1.0) -> Callable:
     return nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
 
 
-def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
-    """Sinusoidal embedding [sin(t·f_i), cos(t·f_i)], f_i = exp(-ln(1e4)·i/(half-1))."""
+def timestep_embedding(t: jax.Array, dim: int, flip: bool = False, shift: float = 1.0) -> jax.Array:
+    """Sinusoidal embedding [sin(t·f_i), cos(t·f_i)], f_i = exp(-ln(1e4)·i/(half-shift));
+    the authors' has shift 1; flip gives [cos, sin] (diffusers' flip_sin_to_cos)."""
     half = dim // 2
-    freqs = jnp.exp(-math.log(10000.0) / (half - 1) * jnp.arange(half, dtype=jnp.float32))
+    freqs = jnp.exp(-math.log(10000.0) / (half - shift) * jnp.arange(half, dtype=jnp.float32))
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]
-    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
-    return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+    parts = [jnp.cos(args), jnp.sin(args)] if flip else [jnp.sin(args), jnp.cos(args)]
+    return jnp.pad(jnp.concatenate(parts, axis=1), ((0, 0), (0, dim % 2)))
 
 
 def conv(
@@ -103,17 +134,19 @@ def dense(features: int, name: str, dtype, precision=None, scale: float = 1.0) -
     )
 
 
-def group_norm(name: str, dtype) -> nn.GroupNorm:
-    """GroupNorm with 32 groups and ε = 1e-6 (tf.contrib.layers.group_norm's defaults)."""
-    return nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, name=name)
+def group_norm(name: str, dtype, groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
+    """GroupNorm; 32 groups and ε = 1e-6 are tf.contrib.layers.group_norm's defaults."""
+    return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, name=name)
 
 
 class _Layers(nn.Module):
-    """Base of the blocks below: carries the computation dtype and the precision of
-    convolutions and matmuls (a jax.lax.Precision, or None for the default) to every layer."""
+    """Base of the blocks below: carries the computation dtype, the precision of
+    convolutions and matmuls (a jax.lax.Precision, or None for the default) and the
+    network's options (norms, heads, padding) to every layer."""
 
     dtype: jnp.dtype = jnp.float32
     precision: jax.lax.Precision | None = None
+    config: UNetConfig = UNetConfig()
 
     def conv(self, features: int, name: str, stride: int = 1, scale: float = 1.0) -> nn.Conv:
         return conv(features, name, self.dtype, self.precision, stride, scale)
@@ -121,12 +154,18 @@ class _Layers(nn.Module):
     def dense(self, features: int, name: str, scale: float = 1.0) -> nn.Dense:
         return dense(features, name, self.dtype, self.precision, scale)
 
-    def norm(self, name: str) -> nn.GroupNorm:
-        return group_norm(name, self.dtype)
+    def norm(self, name: str, groups: int = 0) -> nn.GroupNorm:
+        cfg = self.config
+        return group_norm(name, self.dtype, groups or cfg.norm_groups, cfg.norm_eps)
+
+    def sub(self, cls, name: str, **fields):
+        """A block of class `cls` with this one's dtype, precision and config."""
+        return cls(self.dtype, self.precision, self.config, name=name, **fields)
 
 
 class ResnetBlock(_Layers):
-    """GroupNorm-swish-conv, + dense(swish(temb)), GroupNorm-swish-dropout-conv(zero init)."""
+    """GroupNorm-swish-conv, + dense(swish(temb)), GroupNorm-swish-dropout-conv(zero init);
+    with config.scale_shift the time embedding gives (s, b) and norm2(h)(1 + s) + b."""
 
     out_ch: int = 128
     dropout: float = 0.0
@@ -134,9 +173,14 @@ class ResnetBlock(_Layers):
     @nn.compact
     def __call__(self, x, temb, train):
         h = self.conv(self.out_ch, "conv1")(nn.swish(self.norm("norm1")(x)))
-        h = h + self.dense(self.out_ch, "temb_proj")(nn.swish(temb))[:, None, None, :]
-        h = nn.swish(self.norm("norm2")(h))
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        width = 2 * self.out_ch if self.config.scale_shift else self.out_ch
+        temb = self.dense(width, "temb_proj")(nn.swish(temb))[:, None, None, :]
+        if self.config.scale_shift:
+            scale, shift = jnp.split(temb, 2, axis=-1)
+            h = self.norm("norm2")(h) * (1 + scale) + shift
+        else:
+            h = self.norm("norm2")(h + temb)
+        h = nn.Dropout(self.dropout, deterministic=not train)(nn.swish(h))
         h = self.conv(self.out_ch, "conv2", scale=0.0)(h)
         if x.shape[-1] != self.out_ch:
             x = self.dense(self.out_ch, "nin_shortcut")(x)  # 1x1 "network in network"
@@ -144,21 +188,26 @@ class ResnetBlock(_Layers):
 
 
 class AttnBlock(_Layers):
-    """Single-head self-attention over all positions, residual, zero-initialised output."""
+    """Self-attention over all positions (one head, or heads of config.attn_head_dim
+    channels), residual, zero-initialised output; groups -1: no norm before it."""
+
+    groups: int = 0
 
     @nn.compact
     def __call__(self, x):
         B, H, W, C = x.shape
-        h = self.norm("norm")(x)
-        q, k, v = (self.dense(C, name)(h).reshape(B, H * W, C) for name in ("q", "k", "v"))
-        w = jnp.einsum("bic,bjc->bij", q, k, precision=self.precision) * (C**-0.5)
+        d = self.config.attn_head_dim or C
+        h = x if self.groups == -1 else self.norm("norm", self.groups)(x)
+        q, k, v = (self.dense(C, n)(h).reshape(B, H * W, C // d, d) for n in ("q", "k", "v"))
+        w = jnp.einsum("bihc,bjhc->bhij", q, k, precision=self.precision) * (d**-0.5)
         w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(v.dtype)
-        h = jnp.einsum("bij,bjc->bic", w, v, precision=self.precision).reshape(B, H, W, C)
+        h = jnp.einsum("bhij,bjhc->bihc", w, v, precision=self.precision).reshape(B, H, W, C)
         return x + self.dense(C, "proj_out", scale=0.0)(h)
 
 
 class Resample(_Layers):
-    """Stride-2 conv (down) or nearest-neighbour ×2 + conv (up); without conv: avg-pool / ×2."""
+    """Stride-2 conv (down) or nearest-neighbour ×2 + conv (up); without conv: avg-pool / ×2.
+    The strided conv pads as config.downsample_pad says (TF's SAME is 0 before, 1 after)."""
 
     up: bool = False
     with_conv: bool = True
@@ -170,21 +219,26 @@ class Resample(_Layers):
             x = jnp.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C))
             x = x.reshape(B, 2 * H, 2 * W, C)
             return self.conv(C, "conv")(x) if self.with_conv else x
-        if self.with_conv:
-            return self.conv(C, "conv", stride=2)(x)
-        return nn.avg_pool(x, (2, 2), (2, 2))
+        if not self.with_conv:
+            return nn.avg_pool(x, (2, 2), (2, 2))
+        if self.config.downsample_pad == "symmetric":
+            x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+            return nn.Conv(
+                C, (3, 3), (2, 2), "VALID", dtype=self.dtype, precision=self.precision,
+                kernel_init=default_init(), name="conv",
+            )(x)  # fmt: skip
+        return self.conv(C, "conv", stride=2)(x)
 
 
 class TimestepEmbed(_Layers):
     """temb = dense1(swish(dense0(sinusoidal(t)))), width 4·ch."""
 
-    ch: int = 128
-
     @nn.compact
     def __call__(self, t):
-        temb = timestep_embedding(t, self.ch).astype(self.dtype)
-        temb = self.dense(4 * self.ch, "dense0")(temb)
-        return self.dense(4 * self.ch, "dense1")(nn.swish(temb))
+        cfg = self.config
+        temb = timestep_embedding(t, cfg.ch, cfg.time_flip, cfg.time_shift).astype(self.dtype)
+        temb = self.dense(4 * cfg.ch, "dense0")(temb)
+        return self.dense(4 * cfg.ch, "dense1")(nn.swish(temb))
 
 
 class DownLevel(_Layers):
@@ -193,7 +247,6 @@ class DownLevel(_Layers):
     Returns every intermediate activation, which the up path consumes as skip connections.
     """
 
-    config: UNetConfig = UNetConfig()
     level: int = 0
 
     @nn.compact
@@ -201,25 +254,19 @@ class DownLevel(_Layers):
         cfg, hs = self.config, []
         for i in range(cfg.num_res_blocks):
             out_ch = cfg.ch * cfg.ch_mult[self.level]
-            h = ResnetBlock(self.dtype, self.precision, out_ch, cfg.dropout, name=f"block_{i}")(
-                h, temb, train
-            )
+            block = self.sub(ResnetBlock, f"block_{i}", out_ch=out_ch, dropout=cfg.dropout)
+            h = block(h, temb, train)
             if h.shape[1] in cfg.attn_resolutions:
-                h = AttnBlock(self.dtype, self.precision, name=f"attn_{i}")(h)
+                h = self.sub(AttnBlock, f"attn_{i}")(h)
             hs.append(h)
         if self.level != len(cfg.ch_mult) - 1:
-            hs.append(
-                Resample(
-                    self.dtype, self.precision, False, cfg.resamp_with_conv, name="downsample"
-                )(h)
-            )
+            hs.append(self.sub(Resample, "downsample", with_conv=cfg.resamp_with_conv)(h))
         return hs
 
 
 class UpLevel(_Layers):
     """One resolution on the way up: num_res_blocks + 1 blocks on concatenated skips, upsample."""
 
-    config: UNetConfig = UNetConfig()
     level: int = 0
 
     @nn.compact
@@ -228,31 +275,24 @@ class UpLevel(_Layers):
         for i in range(cfg.num_res_blocks + 1):
             h = jnp.concatenate([h, skips.pop()], axis=-1)
             out_ch = cfg.ch * cfg.ch_mult[self.level]
-            h = ResnetBlock(self.dtype, self.precision, out_ch, cfg.dropout, name=f"block_{i}")(
-                h, temb, train
-            )
+            block = self.sub(ResnetBlock, f"block_{i}", out_ch=out_ch, dropout=cfg.dropout)
+            h = block(h, temb, train)
             if h.shape[1] in cfg.attn_resolutions:
-                h = AttnBlock(self.dtype, self.precision, name=f"attn_{i}")(h)
+                h = self.sub(AttnBlock, f"attn_{i}")(h)
         if self.level != 0:
-            h = Resample(self.dtype, self.precision, True, cfg.resamp_with_conv, name="upsample")(h)
+            h = self.sub(Resample, "upsample", up=True, with_conv=cfg.resamp_with_conv)(h)
         return h
 
 
 class Middle(_Layers):
     """block_1 -> attn_1 -> block_2 at the lowest resolution."""
 
-    dropout: float = 0.0
-
     @nn.compact
     def __call__(self, h, temb, train):
-        ch = h.shape[-1]
-        h = ResnetBlock(self.dtype, self.precision, ch, self.dropout, name="block_1")(
-            h, temb, train
-        )
-        h = AttnBlock(self.dtype, self.precision, name="attn_1")(h)
-        return ResnetBlock(self.dtype, self.precision, ch, self.dropout, name="block_2")(
-            h, temb, train
-        )
+        ch, dropout = h.shape[-1], self.config.dropout
+        h = self.sub(ResnetBlock, "block_1", out_ch=ch, dropout=dropout)(h, temb, train)
+        h = self.sub(AttnBlock, "attn_1", groups=self.config.mid_attn_groups)(h)
+        return self.sub(ResnetBlock, "block_2", out_ch=ch, dropout=dropout)(h, temb, train)
 
 
 class UNet(nn.Module):
@@ -276,7 +316,7 @@ class UNet(nn.Module):
                 f"expected square NHWC images and t of shape (B,); got x {x.shape}, t {t.shape}"
             )
         cfg.check_image_size(x.shape[1])
-        temb = TimestepEmbed(dtype, precision, cfg.ch, name="temb")(t)
+        temb = TimestepEmbed(dtype, precision, cfg, name="temb")(t)
         if cfg.num_classes:
             y = jnp.full(t.shape, cfg.num_classes, jnp.int32) if y is None else y
             embed = nn.Embed(cfg.num_classes + 1, temb.shape[-1], name="label_emb")
@@ -287,11 +327,11 @@ class UNet(nn.Module):
         for level in range(len(cfg.ch_mult)):
             down = DownLevel(dtype, precision, cfg, level, name=f"down_{level}")
             hs += down(hs[-1], temb, train)
-        h = Middle(dtype, precision, cfg.dropout, name="mid")(hs[-1], temb, train)
+        h = Middle(dtype, precision, cfg, name="mid")(hs[-1], temb, train)
         for level in reversed(range(len(cfg.ch_mult))):
             h = UpLevel(dtype, precision, cfg, level, name=f"up_{level}")(h, hs, temb, train)
         assert not hs, "every skip connection must be consumed"
-        h = nn.swish(group_norm("norm_out", dtype)(h))
+        h = nn.swish(group_norm("norm_out", dtype, cfg.norm_groups, cfg.norm_eps)(h))
         h = conv(cfg.out_ch, "conv_out", dtype, precision, scale=0.0)(h)
         return h.astype(jnp.float32)
 

@@ -14,7 +14,7 @@ def reference_betas(name, T, b0=1e-4, b1=0.02):
     """Each β_t written out element by element."""
     if name == "linear":
         return [b0 + (b1 - b0) * i / (T - 1) for i in range(T)]
-    if name == "quad":
+    if name in ("quad", "scaled_linear"):  # the same: LDM and diffusers name it scaled_linear
         return [
             (math.sqrt(b0) + (math.sqrt(b1) - math.sqrt(b0)) * i / (T - 1)) ** 2 for i in range(T)
         ]

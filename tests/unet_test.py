@@ -70,6 +70,11 @@ def test_timestep_embedding_matches_formula():
         got, np.concatenate([np.sin(t[:, None] * freqs), np.cos(t[:, None] * freqs)], 1), atol=1e-4
     )
     assert unet.timestep_embedding(jnp.asarray(t), 11).shape == (4, 11)
+    # diffusers' flip_sin_to_cos and freq_shift: [cos, sin], f_i = exp(-ln(1e4) i / (5 - 0))
+    got = np.asarray(unet.timestep_embedding(jnp.asarray(t), 10, flip=True, shift=0.0))
+    freqs = np.exp(-np.log(10000.0) * np.arange(5) / 5)
+    want = np.concatenate([np.cos(t[:, None] * freqs), np.sin(t[:, None] * freqs)], 1)
+    np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +156,12 @@ def test_resampling_matches_tensorflow():
         np.testing.assert_allclose(block.apply({"params": params}, jnp.asarray(x)), want, atol=1e-4)
 
 
-def test_attention_matches_restatement():
+@pytest.mark.parametrize("heads", [1, 4])
+def test_attention_matches_restatement(heads):
+    """Heads of d = C / heads channels: softmax(q_h k_h^T / √d) v_h, concatenated."""
     x = np.random.default_rng(1).standard_normal((2, 4, 4, 32)).astype(np.float32)
-    block = unet.AttnBlock(jnp.float32)
+    config = unet.UNetConfig(ch=32, ch_mult=(1,), attn_head_dim=32 // heads if heads > 1 else 0)
+    block = unet.AttnBlock(jnp.float32, config=config)
     p = randomize(block.init(jax.random.key(0), jnp.asarray(x))["params"])
     get = lambda name: (np.asarray(p[name]["kernel"]), np.asarray(p[name]["bias"]))
     # GroupNorm(32 groups) on 32 channels: each channel normalised over H, W.
@@ -161,13 +169,13 @@ def test_attention_matches_restatement():
     h = (x - mu) / np.sqrt(var + 1e-6) * np.asarray(p["norm"]["scale"]) + np.asarray(
         p["norm"]["bias"]
     )
-    q, k, v = ((h @ w + b).reshape(2, 16, 32) for w, b in map(get, "qkv"))
-    w = np.einsum("bic,bjc->bij", q, k) / np.sqrt(32)
+    d = 32 // heads
+    q, k, v = ((h @ w + b).reshape(2, 16, heads, d) for w, b in map(get, "qkv"))
+    w = np.einsum("bihc,bjhc->bhij", q, k) / np.sqrt(d)
     w = np.exp(w - w.max(-1, keepdims=True))
     w /= w.sum(-1, keepdims=True)
-    out = (np.einsum("bij,bjc->bic", w, v) @ get("proj_out")[0] + get("proj_out")[1]).reshape(
-        x.shape
-    )
+    mixed = np.einsum("bhij,bjhc->bihc", w, v).reshape(2, 16, 32)
+    out = (mixed @ get("proj_out")[0] + get("proj_out")[1]).reshape(x.shape)
     np.testing.assert_allclose(block.apply({"params": p}, jnp.asarray(x)), x + out, atol=1e-4)
 
 
@@ -175,7 +183,9 @@ def test_attention_matches_restatement():
     "kwargs, word",
     [(dict(ch=48), "ch"), (dict(ch_mult=()), "ch_mult"), (dict(num_res_blocks=0), "num_res_blocks"),
      (dict(dropout=1.0), "dropout"), (dict(dtype="float16"), "dtype"),
-     (dict(precision="fast"), "precision")],
+     (dict(precision="fast"), "precision"), (dict(ch=32, norm_groups=24), "norm_groups"),
+     (dict(attn_head_dim=48), "attn_head_dim"), (dict(downsample_pad="valid"), "downsample_pad"),
+     (dict(mid_attn_groups=3), "mid_attn_groups"), (dict(norm_eps=0.0), "norm_eps")],
 )  # fmt: skip
 def test_bad_config(kwargs, word):
     with pytest.raises(ValueError, match=word):
