@@ -47,8 +47,10 @@ def config_path(path_or_name):
 
 def resolve_config_flag(argv):
     """argv with `--config NAME` (or `--config=NAME[:args]`) replaced by the packaged file's
-    path, which is what ml_collections' config flag takes; paths are left as they are."""
-    argv, out = list(argv), []
+    path, which is what ml_collections' config flag takes; paths are left as they are.
+    `--pretrained FOLDER` adds `--config pretrained:FOLDER` (a diffusers pipeline)."""
+    argv = _pretrained_config(list(argv))
+    out = []
     while argv:
         arg = argv.pop(0)
         if arg == "--config" and argv:
@@ -58,6 +60,21 @@ def resolve_config_flag(argv):
         else:
             out.append(arg)
     return out
+
+
+def _pretrained_config(argv):
+    """argv with --config pretrained:FOLDER added where --pretrained FOLDER is given."""
+    values = [a.removeprefix("--pretrained=") for a in argv if a.startswith("--pretrained=")]
+    values += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--pretrained"]
+    if not values:
+        return argv
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        raise UserError(
+            "give --pretrained FOLDER or --config, not both (--config pretrained:FOLDER is the "
+            "same as --pretrained FOLDER, and takes --config.KEY=VALUE overrides either way)"
+        )
+    # before any --config.KEY=VALUE: ml_collections defines those once --config is parsed
+    return [argv[0], f"--config={CONFIG_DIR / 'pretrained.py'}:{values[-1]}", *argv[1:]]
 
 
 def _resolve(value):
@@ -173,9 +190,21 @@ def unet_config(config, diffusion_spec_: spec.DiffusionSpec | None = None) -> un
 
 def make_schedule(config) -> schedules.Schedule:
     """The Schedule of config.diffusion; a schedule that cannot be built is a UserError."""
+    return schedules.schedule_from_betas(betas(config))
+
+
+def betas(config) -> np.ndarray:
+    """β_1..β_T of config.diffusion in float64 (beta_schedule "given": its tuple `betas`);
+    a schedule that cannot be built is a UserError."""
     d = config.diffusion
     try:
-        return schedules.make_schedule(
+        if d.beta_schedule == "given":
+            given = np.asarray(d.get("betas") or (), np.float64)
+            if given.size != d.num_timesteps:
+                raise ValueError(f"given betas must be num_timesteps={d.num_timesteps} values")
+            schedules.check_betas(given)
+            return given
+        return schedules.get_beta_schedule(
             d.beta_schedule,
             beta_start=d.beta_start,
             beta_end=d.beta_end,

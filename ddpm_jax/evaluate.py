@@ -18,6 +18,10 @@ Modes (--eval, comma-separated):
             fid, is, kid and pr share one pass of the samples through the network;
   fid_data  FID of config.eval.fid_split against --other_split: a real-data baseline.
 Writes WORKDIR/eval/step_N.json and TensorBoard scalars (eval/nll_bpd, eval/fid, ...).
+
+--pretrained FOLDER_or_HUB_ID (no --config) evaluates a diffusers pipeline instead, its
+results in WORKDIR/eval/step_0.json; set the dataset it is compared with, e.g.
+--config.data.dataset=cifar10.
 """
 
 from ddpm_jax import cli
@@ -30,7 +34,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from ddpm_jax import checkpointing, config_lib, data, eval_modes
+from ddpm_jax import checkpointing, config_lib, data, diffusers_pipeline, eval_modes
 
 FLAGS = flags.FLAGS
 
@@ -38,6 +42,7 @@ FLAGS = flags.FLAGS
 def define_flags():
     cli.define_common_flags()
     flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint is evaluated).")
+    flags.DEFINE_string("pretrained", None, "A diffusers pipeline folder or Hub id (no --config).")
     flags.DEFINE_list("eval", ["nll", "fid"], f"Modes, comma-separated, among {eval_modes.MODES}.")
     flags.DEFINE_integer(
         "num_samples",
@@ -61,7 +66,10 @@ def main(argv):
     eval_modes.check_modes(FLAGS.eval)
     batch_size = config.eval.batch_size if FLAGS.batch_size is None else FLAGS.batch_size
     config_lib.check_batch("eval.batch_size", batch_size, jax.device_count(), jax.process_count())
-    params, step = checkpointing.restore_params(FLAGS.workdir, config)
+    if config.get("pretrained") is not None:  # results go to --workdir
+        params, step = diffusers_pipeline.load_params(config.pretrained, setup), 0
+    else:
+        params, step = checkpointing.restore_params(FLAGS.workdir, config)
     if set(FLAGS.eval) & {"nll", "fid", "kid", "pr", "fid_data"}:  # these read the dataset
         data.ensure_prepared(config, log=logging.info)
     scalars, arrays = eval_modes.run(

@@ -4,9 +4,12 @@
 
 writes OUT.png (a grid) and OUT.npz (uint8 NHWC array 'images'); OUT may be gs://...
 --params DIR reads parameters written by `python -m ddpm_jax.convert` instead of a
-training workdir. A class model (config.model.num_classes > 0) takes --labels 0,1,2:
---num_samples samples of each label, one row per label in the grid, with classifier-free
-guidance --guidance w (default config.sampling.guidance); the npz also holds 'labels'.
+training workdir; --pretrained FOLDER_or_HUB_ID (no --config) a diffusers pipeline
+(ddpm_jax/configs/pretrained.py), e.g. --pretrained google/ddpm-ema-church-256.
+
+A class model (config.model.num_classes > 0) takes --labels 0,1,2: --num_samples
+samples of each label, one row per label in the grid, with classifier-free guidance
+--guidance w (default config.sampling.guidance); the npz also holds 'labels'.
 
 Editing given images (a folder of image files or an .npz array 'images', at the model's
 size; editor.py), with the chain of config.sampling (method, num_steps, spacing):
@@ -29,7 +32,17 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from ddpm_jax import checkpointing, config_lib, convert, editor, fs, images, sampling, timeline
+from ddpm_jax import (
+    checkpointing,
+    config_lib,
+    convert,
+    diffusers_pipeline,
+    editor,
+    fs,
+    images,
+    sampling,
+    timeline,
+)
 
 FLAGS = flags.FLAGS
 
@@ -38,6 +51,7 @@ def define_flags():
     cli.define_common_flags()
     flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint is used).")
     flags.DEFINE_string("params", None, "Directory of converted parameters (instead of --workdir).")
+    flags.DEFINE_string("pretrained", None, "A diffusers pipeline folder or Hub id (no --config).")
     flags.DEFINE_integer("num_samples", 64, "Number of samples (of each label).", lower_bound=1)
     flags.DEFINE_list("labels", None, "Class labels of a class model, e.g. 0,1,2: a row each.")
     flags.DEFINE_float("guidance", None, "Guidance weight w (default config.sampling.guidance).")
@@ -54,7 +68,13 @@ def define_flags():
 
 
 def load_params(setup):
-    """(parameters, where they come from: a checkpoint's step or the converted folder)."""
+    """(parameters, where they come from: a checkpoint's step, the converted folder or the
+    diffusers pipeline)."""
+    pretrained = FLAGS.config.get("pretrained")
+    if pretrained is not None:
+        if FLAGS.workdir is not None or FLAGS.params is not None:
+            raise app.UsageError("a pretrained pipeline has its weights: drop --workdir/--params")
+        return diffusers_pipeline.load_params(pretrained, setup), pretrained
     if (FLAGS.workdir is None) == (FLAGS.params is None):
         raise app.UsageError("give exactly one of --workdir and --params")
     if FLAGS.workdir is not None:
