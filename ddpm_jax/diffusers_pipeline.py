@@ -171,7 +171,9 @@ def load_params(folder, setup) -> dict:
     unet_folder, _ = folders(folder)
     state, where = diffusers_unet.read_weights(unet_folder)
     expected = convert.expected_params(setup)
-    return diffusers_unet.params_from_state_dict(state, expected, len(setup.unet.ch_mult), where)
+    levels = len(setup.unet.ch_mult)
+    name_of = lambda path: diffusers_unet.diffusers_name(path, levels)  # noqa: E731
+    return diffusers_unet.params_from_state_dict(state, expected, name_of, where)
 
 
 def load(name, **model):

@@ -201,12 +201,13 @@ def diffusers_name(path: tuple[str, ...], num_levels: int) -> str:
     return f"{name}.{leaf}"
 
 
-def params_from_state_dict(state: dict, expected, num_levels: int, where: str) -> dict:
-    """Our parameter tree from a UNet2DModel state dict ({key: array}, torch layouts),
-    checking every name and shape against `expected` (arrays or ShapeDtypeStructs)."""
+def params_from_state_dict(state: dict, expected, name_of, where: str) -> dict:
+    """Our parameter tree from a diffusers state dict ({key: array}, torch layouts),
+    checking every name and shape against `expected` (arrays or ShapeDtypeStructs);
+    name_of(path) is a parameter's key there (e.g. diffusers_name with the level count)."""
     state = {_new_attention_name(k): v for k, v in state.items()}
     flat = traverse_util.flatten_dict(expected)
-    wanted = {diffusers_name(p, num_levels): p for p in flat}
+    wanted = {name_of(p): p for p in flat}
     missing = sorted(set(wanted) - set(state))
     unexpected = sorted(set(state) - set(wanted))
     params, misshaped = {}, []

@@ -165,7 +165,8 @@ class _Layers(nn.Module):
 
 class ResnetBlock(_Layers):
     """GroupNorm-swish-conv, + dense(swish(temb)), GroupNorm-swish-dropout-conv(zero init);
-    with config.scale_shift the time embedding gives (s, b) and norm2(h)(1 + s) + b."""
+    with config.scale_shift the time embedding gives (s, b) and norm2(h)(1 + s) + b; with
+    temb None (an autoencoder's block) no time term at all."""
 
     out_ch: int = 128
     dropout: float = 0.0
@@ -173,12 +174,15 @@ class ResnetBlock(_Layers):
     @nn.compact
     def __call__(self, x, temb, train):
         h = self.conv(self.out_ch, "conv1")(nn.swish(self.norm("norm1")(x)))
-        width = 2 * self.out_ch if self.config.scale_shift else self.out_ch
-        temb = self.dense(width, "temb_proj")(nn.swish(temb))[:, None, None, :]
-        if self.config.scale_shift:
+        if temb is None:
+            h = self.norm("norm2")(h)
+        elif self.config.scale_shift:
+            width = 2 * self.out_ch
+            temb = self.dense(width, "temb_proj")(nn.swish(temb))[:, None, None, :]
             scale, shift = jnp.split(temb, 2, axis=-1)
             h = self.norm("norm2")(h) * (1 + scale) + shift
         else:
+            temb = self.dense(self.out_ch, "temb_proj")(nn.swish(temb))[:, None, None, :]
             h = self.norm("norm2")(h + temb)
         h = nn.Dropout(self.dropout, deterministic=not train)(nn.swish(h))
         h = self.conv(self.out_ch, "conv2", scale=0.0)(h)
@@ -285,13 +289,17 @@ class UpLevel(_Layers):
 
 
 class Middle(_Layers):
-    """block_1 -> attn_1 -> block_2 at the lowest resolution."""
+    """block_1 -> attn_1 -> block_2 at the lowest resolution (attn_1 unless `attention` is
+    off, as an autoencoder may have it)."""
+
+    attention: bool = True
 
     @nn.compact
     def __call__(self, h, temb, train):
         ch, dropout = h.shape[-1], self.config.dropout
         h = self.sub(ResnetBlock, "block_1", out_ch=ch, dropout=dropout)(h, temb, train)
-        h = self.sub(AttnBlock, "attn_1", groups=self.config.mid_attn_groups)(h)
+        if self.attention:
+            h = self.sub(AttnBlock, "attn_1", groups=self.config.mid_attn_groups)(h)
         return self.sub(ResnetBlock, "block_2", out_ch=ch, dropout=dropout)(h, temb, train)
 
 
