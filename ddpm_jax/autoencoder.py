@@ -103,7 +103,7 @@ class Decoder(unet._Layers):
     mid_attention: bool = True
 
     @nn.compact
-    def __call__(self, z):
+    def __call__(self, z, features_only=False):
         cfg = self.config
         h = self.conv(cfg.ch * cfg.ch_mult[-1], "conv_in")(z)
         h = self.sub(unet.Middle, "mid", attention=self.mid_attention)(h, None, False)
@@ -116,7 +116,7 @@ class Decoder(unet._Layers):
             if level != 0:
                 h = self.sub(unet.Resample, f"up_{level}/upsample", up=True)(h)
         h = nn.swish(self.norm("norm_out")(h))
-        return self.conv(self.out_ch, "conv_out")(h)
+        return h if features_only else self.conv(self.out_ch, "conv_out")(h)
 
 
 class Autoencoder(nn.Module):
@@ -147,10 +147,22 @@ class Autoencoder(nn.Module):
         h = self.post_quant_conv(z.astype(unet.DTYPES[self.config.dtype]))
         return self.decoder(h).astype(jnp.float32)
 
+    def decode_features(self, z):
+        """The decoder's activations before its last layer (last_layer applies it)."""
+        return self.decoder(self.post_quant_conv(z.astype(unet.DTYPES[self.config.dtype])), True)
+
     def __call__(self, x, rng=None):
         mean, logvar = self.encode(x)
         z = mean if rng is None else sample_posterior(rng, mean, logvar)
         return self.decode(z), mean, logvar
+
+
+def last_layer(config: AutoencoderConfig):
+    """(w, h) -> x̂: the decoder's conv_out with parameters w (params["decoder"]["conv_out"])
+    on decode_features' h, so that decode(z) = last_layer(config)(w, decode_features(z))."""
+    dtype, precision = unet.DTYPES[config.dtype], unet.PRECISIONS[config.precision]
+    layer = unet.conv(config.out_ch, "conv_out", dtype, precision)
+    return lambda w, h: layer.apply({"params": w}, h).astype(jnp.float32)
 
 
 def sample_posterior(rng, mean, logvar) -> jax.Array:
