@@ -7,8 +7,9 @@ For each solver (--solvers, default dpm++2m, unipc3 and ddim) and step count (--
 default 10, 15, 20, 25, 50, 100), and for Algorithm 2 with all T steps, draws --num_samples
 samples of the EMA parameters (the same seed for every row), and reports KID (mean ± std
 over 100 subsets) and FID of their Inception features against --reference_split, and the
-sampling time per sample (after the first chunk, which compiles). Algorithm 2 runs first,
-then the solvers by step count. Writes OUT.json and OUT.md (the table) after every row and
+sampling time per sample (after the first chunk, which compiles). Algorithm 2 runs first
+(or comes from an earlier run's OUT.json, --baseline), then the solvers by step count.
+Writes OUT.json and OUT.md (the table) after every row and
 OUT.png (KID against network calls, log scale) at the end, and prints for each solver the
 fewest steps whose KID is within one std of Algorithm 2's, with the speed-up.
 """
@@ -46,15 +47,31 @@ def parse():
     parser.add_argument("--reference_split", default="test")
     parser.add_argument("--out", default="solver_sweep", help="OUT.json, OUT.md and OUT.png")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--baseline", help="an earlier OUT.json whose Algorithm 2 row is reused (same model, "
+        "seed and --num_samples) instead of drawing it again"
+    )  # fmt: skip
     return parser.parse_args()
 
 
 def rows_to_run(args, num_timesteps):
-    """(method, steps) of every row: Algorithm 2 with all T (the baseline) first, then the
-    solvers' grid by step count, so that a run stopped early has the baseline and the
-    smallest counts."""
+    """(method, steps) of every row: Algorithm 2 with all T (the baseline) first unless
+    --baseline gives it, then the solvers' grid by step count, so that a run stopped early
+    has the baseline and the smallest counts."""
     rows = [(m, int(n)) for m in args.solvers.split(",") for n in args.steps.split(",")]
-    return [("ancestral", num_timesteps)] + sorted(rows, key=lambda row: row[1])
+    first = [] if args.baseline else [("ancestral", num_timesteps)]
+    return first + sorted(rows, key=lambda row: row[1])
+
+
+def read_baseline(path, step, num_samples):
+    """The Algorithm 2 row of an earlier run of the same checkpoint and sample count."""
+    earlier = json.loads(Path(path).read_text())
+    row = earlier["rows"][0]
+    if row["method"] != "ancestral" or earlier["step"] != step:
+        raise SystemExit(f"--baseline {path}: no Algorithm 2 row of step {step} first")
+    if earlier.get("num_samples", num_samples) != num_samples:
+        raise SystemExit(f"--baseline {path} drew {earlier['num_samples']} samples per row")
+    return row
 
 
 def draw_features(config, params, method, steps, args, activations):
@@ -166,20 +183,23 @@ def main():
         network[0], sampling.Sampler(config_lib.build(config)).mesh
     )
     results, out = [], Path(args.out)
+    if args.baseline:
+        results.append(read_baseline(args.baseline, step, args.num_samples))
     out.parent.mkdir(parents=True, exist_ok=True)
     for row in rows_to_run(args, config.diffusion.num_timesteps):
         features, seconds = draw_features(config, params, *row, args, activations)
         results.append(measure(row, features, seconds, reference))
         print(json.dumps(results[-1]), flush=True)
-        write(out, step, results)  # after every row: a run stopped early keeps its rows
+        write(out, step, args.num_samples, results)  # after every row: a stopped run keeps them
     plot(out.with_suffix(".png"), results)
     print(f"EMA parameters of step {step}, {args.num_samples} samples per row\n")
     print(out.with_suffix(".md").read_text())
 
 
-def write(out, step, results):
+def write(out, step, num_samples, results):
     """OUT.json and OUT.md (the table and, once there are solver rows, the summary)."""
-    out.with_suffix(".json").write_text(json.dumps(dict(step=step, rows=results), indent=1))
+    record = dict(step=step, num_samples=num_samples, rows=results)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     out.with_suffix(".md").write_text(table(results) + "\n\n" + "\n".join(summary(results)) + "\n")
 
 
