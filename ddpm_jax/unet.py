@@ -200,13 +200,24 @@ class AttnBlock(_Layers):
     @nn.compact
     def __call__(self, x):
         B, H, W, C = x.shape
-        d = self.config.attn_head_dim or C
         h = x if self.groups == -1 else self.norm("norm", self.groups)(x)
-        q, k, v = (self.dense(C, n)(h).reshape(B, H * W, C // d, d) for n in ("q", "k", "v"))
-        w = jnp.einsum("bihc,bjhc->bhij", q, k, precision=self.precision) * (d**-0.5)
+        q, k, v = (self.dense(C, name)(h).reshape(B, H * W, C) for name in ("q", "k", "v"))
+        h = attend(q, k, v, self.config.attn_head_dim or C, self.precision)
+        return x + self.dense(C, "proj_out", scale=0.0)(h.reshape(B, H, W, C))
+
+
+def attend(q, k, v, head_dim: int, precision=None) -> jax.Array:
+    """softmax(q k^T / √d) v for each head of d = head_dim channels; q, k, v (B, N, C). One
+    head is computed as the paper's code does (so its checkpoints resume bit for bit)."""
+    B, N, C = q.shape
+    if head_dim == C:
+        w = jnp.einsum("bic,bjc->bij", q, k, precision=precision) * (C**-0.5)
         w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(v.dtype)
-        h = jnp.einsum("bhij,bjhc->bihc", w, v, precision=self.precision).reshape(B, H, W, C)
-        return x + self.dense(C, "proj_out", scale=0.0)(h)
+        return jnp.einsum("bij,bjc->bic", w, v, precision=precision)
+    q, k, v = (a.reshape(B, N, C // head_dim, head_dim) for a in (q, k, v))
+    w = jnp.einsum("bihc,bjhc->bhij", q, k, precision=precision) * (head_dim**-0.5)
+    w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhij,bjhc->bihc", w, v, precision=precision).reshape(B, N, C)
 
 
 class Resample(_Layers):
