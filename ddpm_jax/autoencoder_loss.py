@@ -38,6 +38,11 @@ class LossSpec:
         if self.kl_weight < 0 or self.disc_weight < 0 or self.disc_start < 0:
             raise ValueError("kl_weight, disc_weight and disc_start must be >= 0")
 
+    @property
+    def adversarial(self) -> bool:
+        """Whether the patch discriminator exists (disc_weight > 0)."""
+        return self.disc_weight > 0
+
 
 class PatchDiscriminator(nn.Module):
     """PatchGAN (Isola et al. 2017) as LDM uses it: 4x4 convolutions, stride 2 for the first

@@ -18,6 +18,7 @@ number of devices or processes restores on any other.
 """
 
 import contextlib
+import dataclasses
 import json
 import logging as std_logging
 import time
@@ -93,16 +94,12 @@ def array_handlers(replica_parallel=False):
 
 
 def as_dict(state):
-    """TrainState -> plain dict (what is written), so checkpoints do not depend on the class;
-    the importance sampler's loss history only where there is one."""
-    tree = dict(
-        step=state.step,
-        params=state.params,
-        ema_params=state.ema_params,
-        opt_state=state.opt_state,
-        rng=state.rng,
-    )
-    if state.history is not None:
+    """A train state (a flax dataclass) -> plain dict (what is written), so checkpoints do
+    not depend on the class; fields that are None (the importance sampler's loss history,
+    a latent model's scale, a first stage's discriminator) are left out."""
+    tree = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    tree = {k: v for k, v in tree.items() if v is not None}
+    if "history" in tree:
         tree["history"] = dict(losses=state.history.losses, counts=state.history.counts)
     return tree
 
@@ -123,6 +120,8 @@ def save(manager, state, config, force=False):
         config=json.loads(config.to_json_best_effort()),
         fingerprint=prints,
     )
+    if getattr(state, "latent_scale", None) is not None:  # what sample.py decodes with
+        record["latent_scale"] = float(jax.device_get(state.latent_scale))
     args = ocp.args.Composite(default=ocp.args.PyTreeSave(tree), record=ocp.args.JsonSave(record))
     return manager.save(step, args=args, force=force)
 

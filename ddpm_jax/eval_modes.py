@@ -19,7 +19,7 @@ from ddpm_jax.spec import Setup
 MODES = ("nll", "fid", "is", "kid", "pr", "fid_data")
 TB_NAMES = {
     "bpd": "nll_bpd", "fid": "fid", "is": "inception_score", "kid": "kid",
-    "precision": "precision", "recall": "recall",
+    "precision": "precision", "recall": "recall", "psnr": "psnr", "rec_fid": "reconstruction_fid",
 }  # fmt: skip
 
 
@@ -50,7 +50,11 @@ def nll(config, setup: Setup, params, batch_size, max_batches=None, progress=Fal
     )  # fmt: skip
     summary = bound.summarize_bpd(result)
     arrays = {k: v for k, v in summary.items() if isinstance(v, np.ndarray)}
-    return {k: v for k, v in summary.items() if k not in arrays}, arrays
+    scalars = {k: v for k, v in summary.items() if k not in arrays}
+    if setup.latent is not None:  # not comparable with a pixel model's bits/dim
+        h, w, c = setup.image_shape
+        scalars["bpd_space"] = f"latent {h}x{w}x{c} (the first stage's scaled posterior mean)"
+    return scalars, arrays
 
 
 def write_results(workdir, step, scalars, arrays=None) -> list:

@@ -135,7 +135,7 @@ def stats_path(stats_dir, config, split: str) -> epath.Path:
     d = config.data
     name = "_".join(re.sub(r"[^A-Za-z0-9.]+", "-", s).strip("-") for s in (d.dataset, split))
     digest = hashlib.sha1(f"{d.dataset}\n{split}".encode()).hexdigest()[:8]
-    size = f"{d.image_size}x{d.image_size}x{d.num_channels}"
+    size = f"{d.image_size}x{d.image_size}x{d.num_channels}" + ("-pad" if d.get("pad") else "")
     return fs.as_path(stats_dir) / f"{name}_{size}_{digest}.npz"
 
 

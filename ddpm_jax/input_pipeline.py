@@ -131,8 +131,10 @@ def check_dataset(config, split):
     load_split(config, split, count=False)
 
 
-def preprocess(image, image_size, num_channels):
-    """uint8 HWC -> float32 [-1, 1] (x = k/127.5 - 1), center-cropped square and resized."""
+def preprocess(image, image_size, num_channels, pad=False):
+    """uint8 HWC -> float32 [-1, 1] (x = k/127.5 - 1), center-cropped square and resized;
+    with `pad` (config.data.pad) a smaller image is centred on black instead (MNIST's 28
+    to 32)."""
     if image.shape[-1] is not None and image.shape[-1] != num_channels:
         raise ValueError(
             f"images have {image.shape[-1]} channels; config.data.num_channels={num_channels}"
@@ -141,6 +143,9 @@ def preprocess(image, image_size, num_channels):
     side = tf.minimum(h, w)
     image = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
     image = tf.cast(image, tf.float32)
+    if pad:  # black borders up to image_size (a larger image is resized as without pad)
+        offset, canvas = tf.maximum((image_size - side) // 2, 0), tf.maximum(image_size, side)
+        image = tf.image.pad_to_bounding_box(image, offset, offset, canvas, canvas)
     if image.shape[0] != image_size:
         image = tf.image.resize(image, (image_size, image_size), method="area", antialias=True)
         image = tf.round(tf.clip_by_value(image, 0.0, 255.0))  # stay on the 256-level grid
@@ -174,11 +179,13 @@ def train_dataset(config, batch_size, seed, start_example=0, process_index=0, pr
     epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
     ds = epochs.flat_map(lambda e: _epoch(ds, num, e, seed, config.data.shuffle_buffer))
 
+    d = config.data
+
     def prepare(epoch_seed, index, example):
         image = image_of(example)
         if config.data.random_flip:
             image = _flip(epoch_seed, index, image)
-        image = preprocess(image, config.data.image_size, config.data.num_channels)
+        image = preprocess(image, d.image_size, d.num_channels, d.get("pad", False))
         return (image, example[1]) if isinstance(example, tuple) else image
 
     ds = ds.skip(offset).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
@@ -201,7 +208,7 @@ def eval_dataset(config, batch_size, process_index=0, process_count=1, split=Non
     size, channels = config.data.image_size, config.data.num_channels
 
     def prepare(i, example):
-        image = preprocess(image_of(example), size, channels)
+        image = preprocess(image_of(example), size, channels, config.data.get("pad", False))
         label = (example[1],) if isinstance(example, tuple) else ()
         return (image, tf.constant(1.0), i, *label)
 

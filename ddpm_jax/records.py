@@ -15,6 +15,8 @@ SHAPING = dict(
     diffusion=("num_timesteps", "beta_schedule", "beta_start", "beta_end", "mean_type", "var_type"),
     data=("image_size", "num_channels"),
     training=("timestep_sampler",),
+    autoencoder=("latent_size", "latent_channels"),
+    loss=("disc_weight", "disc_layers", "disc_ch"),
 )
 
 
@@ -31,7 +33,8 @@ def settings(config):
     """{"model.ch": 128, "diffusion.num_timesteps": 1000, ...}: the SHAPING settings of
     config as JSON values."""
     names = {"model": sorted(config.model), **SHAPING}
-    flat = {f"{g}.{n}": config[g].get(n) for g, group in names.items() for n in group}
+    groups = {g: config.get(g) or {} for g in names}  # (a first stage has no diffusion)
+    flat = {f"{g}.{n}": groups[g].get(n) for g, group in names.items() for n in group}
     return json.loads(json.dumps(flat))  # tuples -> lists, as they are read back
 
 

@@ -22,7 +22,16 @@ from ddpm_jax.errors import UserError
 from ddpm_jax.schedules import Schedule
 
 if TYPE_CHECKING:  # unet imports Flax; the spec itself does not need it
+    from ddpm_jax.autoencoder import AutoencoderConfig
     from ddpm_jax.unet import UNet, UNetConfig
+
+
+class Stage(enum.StrEnum):
+    """What a config trains (config.stage): a diffusion model, or the first stage of a
+    latent one (autoencoder_training.py)."""
+
+    DIFFUSION = "diffusion"
+    AUTOENCODER = "autoencoder"
 
 
 class MeanType(enum.StrEnum):
@@ -169,6 +178,21 @@ class TrainSpec:
         _set_enums(self, timestep_sampler=TimestepSampler)
 
 
+@dataclasses.dataclass(frozen=True)
+class LatentSpec:
+    """The frozen first stage of a latent diffusion model (Rombach et al. 2022): the
+    diffusion runs on z · scale, z ~ q(z | x) of this autoencoder (first_stage.py)."""
+
+    autoencoder: AutoencoderConfig
+    pixel_shape: tuple[int, int, int]  # (H, W, C) of the data the autoencoder encodes
+    source: str  # the first stage's training workdir, or a diffusers AutoencoderKL folder
+    scale: float  # the latents' factor; 0: 1/std of the first training batch's latents
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self.autoencoder.latent_shape(self.pixel_shape)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Setup:
     """Everything the core takes of a config, checked and built once (config_lib.build)."""
@@ -178,8 +202,14 @@ class Setup:
     diffusion: DiffusionSpec
     sampler: SamplerSpec
     training: TrainSpec
-    image_shape: tuple[int, int, int]  # (H, W, C) of the data, in [-1, 1]
+    image_shape: tuple[int, int, int]  # (H, W, C) of what the diffusion runs on, in [-1, 1]
     seed: int = 0  # of the parameters' initialisation and of training's randomness
+    latent: LatentSpec | None = None  # a latent model's first stage; None: pixel space
+
+    @property
+    def data_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the data and of the samples: the pixels a latent model decodes to."""
+        return self.image_shape if self.latent is None else self.latent.pixel_shape
 
     @property
     def num_classes(self) -> int:

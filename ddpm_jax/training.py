@@ -25,6 +25,7 @@ from ddpm_jax import (
     checkpointing,
     config_lib,
     eval_modes,
+    first_stage,
     reporting,
     sampling,
     sharding,
@@ -34,6 +35,7 @@ from ddpm_jax import (
 from ddpm_jax import data_worker as data_worker_lib
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.errors import UserError, file_system_error
+from ddpm_jax.spec import Stage
 
 # Steps the host may dispatch ahead of the devices: enough to keep them busy, few enough
 # that a stop signal is saved within about MAX_AHEAD + 1 steps of when it came.
@@ -83,7 +85,7 @@ class Trainer:
     ):  # fmt: skip
         self.config = config
         self.devices = devices = jax.devices() if devices is None else devices
-        self.setup = config_lib.build(config, len(devices), jax.process_count())
+        self.setup = self.build_setup(config, len(devices), jax.process_count())
         self.batch_size = sharding.per_process_batch_size(config.training.batch_size)
         self.worker, self.data_checks = None, dict(prepare=prepare_data, other_splits=other_splits)
         if data_worker:  # TensorFlow in a child process, beside the restore and compile
@@ -98,6 +100,8 @@ class Trainer:
         except BaseException:
             self.close()
             raise
+
+    build_setup = staticmethod(config_lib.build)  # the typed setup of the config
 
     def _start_worker(self, worker):
         self.worker = worker
@@ -117,11 +121,44 @@ class Trainer:
         self.train_step = train_state.jit_train_step(
             self.setup, self.tx, self.mesh, self.abstract_state, keep_program=True
         )
+        self.frozen = ()  # a latent model's first stage: the step's third argument
+        if self.setup.latent is not None:
+            where = sharding.replicated(self.mesh)
+            self.frozen = (first_stage.load_params(self.setup.latent, where),)
+
+    def step(self, state, batch):
+        """One train step on a global batch (and the frozen first stage, if any)."""
+        return self.train_step(state, batch, *self.frozen)
+
+    def sample_params(self, state):
+        """What the sampler and the evaluator take: the EMA parameters (with a latent
+        model's first stage and scale)."""
+        if self.setup.latent is None:
+            return state.ema_params
+        return first_stage.LatentModel(state.ema_params, self.frozen[0], state.latent_scale)
+
+    def sampler(self):
+        """The sampler of the training's sample grids."""
+        show = sys.stderr.isatty()
+        return sampling.Sampler(self.setup, self.devices, show, "sample grid")
+
+    def evaluator(self, check_data):
+        """The periodic evaluation (config.eval.every)."""
+        return eval_modes.PeriodicEvaluator(
+            self.config, self.setup, self.workdir, self.devices, check_data
+        )
+
+    def write_grid(self, sample_fn, state, reporter):
+        """The sample grid of `state` (config.training.num_sample_images)."""
+        reporting.write_samples(
+            sample_fn, self.sample_params(state), int(state.step), self.config.seed,
+            self.config.training.num_sample_images, self.workdir, reporter,
+        )  # fmt: skip
 
     def abstract_batch(self):
         """The global batch's shape, dtype and sharding: images, and labels for a class model."""
         size, batch_sharding = self.config.training.batch_size, sharding.batch_sharding(self.mesh)
-        images = jax.ShapeDtypeStruct((size, *self.setup.image_shape), jnp.float32)
+        images = jax.ShapeDtypeStruct((size, *self.setup.data_shape), jnp.float32)
         labels = jax.ShapeDtypeStruct((size,), jnp.int32)
         batch = (images, labels) if self.setup.num_classes else images
         return jax.tree.map(lambda a: a.update(sharding=batch_sharding), batch)
@@ -134,7 +171,7 @@ class Trainer:
         state = jax.tree.map(lambda a, s: a.update(sharding=s), self.abstract_state, shardings)
         compiling = concurrent.futures.ThreadPoolExecutor(1, "compile")
         warm = getattr(self.train_step, "warm", lambda *args: None)
-        future = compiling.submit(warm, state, self.abstract_batch())
+        future = compiling.submit(warm, state, self.abstract_batch(), *self.frozen)
         compiling.shutdown(wait=False)
         return future
 
@@ -258,12 +295,22 @@ class Run:
         self.lock.release()
 
 
+def trainer_class(config):
+    """Trainer, or for a first stage's config autoencoder_runs.AutoencoderTrainer."""
+    if config_lib.stage(config) == Stage.AUTOENCODER:
+        from ddpm_jax import autoencoder_runs
+
+        return autoencoder_runs.AutoencoderTrainer
+    return Trainer
+
+
 def _setup(config, workdir, devices, data_worker):
     """(run, state), all built and checked before the first step. A workdir this call
     created is removed again if setting up fails."""
     t, e = config.training, config.eval
-    other_splits = (config.data.eval_split,) if data_worker and e.every and e.nll_batches else ()
-    trainer = Trainer(
+    reads_split = e.every and (e.get("nll_batches") or e.get("psnr_batches"))
+    other_splits = (config.data.eval_split,) if data_worker and reads_split else ()
+    trainer = trainer_class(config)(
         config, workdir, devices, prepare_data=True, data_worker=data_worker,
         other_splits=other_splits,
     )  # fmt: skip
@@ -271,12 +318,9 @@ def _setup(config, workdir, devices, data_worker):
     run = Run(trainer, _lock(trainer.workdir))
     try:
         if config.eval.every:  # built first: a bad Inception path fails before any compiling
-            run.evaluator = eval_modes.PeriodicEvaluator(
-                config, trainer.setup, trainer.workdir, trainer.devices, not other_splits
-            )
+            run.evaluator = trainer.evaluator(not other_splits)
         if t.sample_every:
-            show = sys.stderr.isatty()
-            run.sample_fn = sampling.Sampler(trainer.setup, trainer.devices, show, "sample grid")
+            run.sample_fn = trainer.sampler()
         compiling = trainer.compile_step()  # beside the restore
         newest = (checkpointing.steps(trainer.workdir) or [0])[0]
         run.batches = trainer.data(newest)  # a data worker reads from there meanwhile
@@ -322,12 +366,10 @@ def _end_of_step(run, state, step, last):
         _on_process_0(run.lock.check, "checking the workdir lock")  # still ours: write
         checkpointing.save(run.manager, state, config, force=True)
     if run.sample_fn is not None and step % t.sample_every == 0:
-        reporting.write_samples(
-            run.sample_fn, state.ema_params, int(state.step), config.seed, t.num_sample_images,
-            run.trainer.workdir, run.reporter,
-        )  # fmt: skip
+        run.trainer.write_grid(run.sample_fn, state, run.reporter)
     if run.evaluator is not None and step % config.eval.every == 0:
-        logging.info("step %d: eval %s", step, run.evaluator(state.ema_params, step))
+        scalars = run.evaluator(run.trainer.sample_params(state), step)
+        logging.info("step %d: eval %s", step, scalars)
 
 
 def mean_metrics(pending):
@@ -344,9 +386,7 @@ def _train(run, state, signals):
     start = int(state.step)
     batches, pending = run.batches, []
     for step in range(start + 1, t.num_steps + 1):
-        state, metrics = trainer.train_step(
-            state, sharding.global_batch(next(batches), trainer.mesh)
-        )
+        state, metrics = trainer.step(state, sharding.global_batch(next(batches), trainer.mesh))
         if step == start + 1:  # compiled and run: the clocks start now
             timeline.mark("first_step", metrics["loss"])
             run.reporter.begin(int(state.step))
