@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ddpm_jax import diffusion, sharding
+from ddpm_jax import diffusion, first_stage, sharding
 from ddpm_jax.progress import Progress
 from ddpm_jax.spec import Setup
 
@@ -21,8 +21,14 @@ from ddpm_jax.spec import Setup
 
 def bpd_step(params, x0: jax.Array, rng, labels=None, *, setup: Setup) -> dict[str, jax.Array]:
     """diffusion.bpd_loop for one batch with the setup's network and spec (x̂_0 clipped, as
-    the authors); a class model's bound is that given each example's label."""
-    spec = dataclasses.replace(setup.diffusion, clip_x0=True)
+    the authors; not a latent model's); a class model's bound is that given each example's
+    label. A latent model's (params a first_stage.LatentModel) is the bound of the scaled
+    posterior mean's latents: bits per latent dimension, with the decoder L_0 of 8-bit
+    data."""
+    if setup.latent is not None:
+        x0 = first_stage.encode_mean(setup.latent, params.autoencoder, x0, params.scale)
+        params = params.unet
+    spec = dataclasses.replace(setup.diffusion, clip_x0=setup.latent is None)
     model_fn = lambda x, t: setup.model.apply({"params": params}, x, t, labels)  # noqa: E731
     return diffusion.bpd_loop(setup.schedule, spec, model_fn, x0, rng)
 

@@ -139,21 +139,43 @@ def check_config_flags(argv):
             raise UserError(f"--config.{key}: the config has no setting {key!r}{hint}")
 
 
-def build(config, num_devices: int = 1, num_processes: int = 1) -> spec.Setup:
+def stage(config) -> spec.Stage:
+    """config.stage: what the config trains (a diffusion model when it has none)."""
+    try:
+        return spec.choose(spec.Stage, "stage", config.get("stage", spec.Stage.DIFFUSION))
+    except UserError as e:
+        raise UserError(f"config.{e}") from None
+
+
+def build(config, num_devices: int = 1, num_processes: int = 1, first_stage=None) -> spec.Setup:
     """The typed setup of a config: every setting checked (a mistake is a UserError naming
     it and the fix) and each piece built once. The only reader of a config's model,
-    diffusion, sampling and training settings; the core takes what this returns."""
+    diffusion, sampling and training settings; the core takes what this returns.
+    first_stage: (AutoencoderConfig, scale) instead of those of config.autoencoder.path
+    (a benchmark's untrained first stage)."""
+    if stage(config) != spec.Stage.DIFFUSION:
+        raise UserError(
+            "this is a first stage's config (config.stage = 'autoencoder'): train it with "
+            "train.py, evaluate it with evaluate.py --eval psnr; sampling needs a diffusion model"
+        )
     diffusion_spec_ = diffusion_spec(config)
-    model = unet_config(config, diffusion_spec_)
     size = config.data.image_size
     if not isinstance(size, int) or size < 1:
         raise UserError(f"config.data.image_size must be a positive integer, got {size!r}")
-    try:
-        model.check_image_size(size)
-    except ValueError as e:
-        raise UserError(f"config.data.image_size: {e}") from e
     if config.data.num_channels not in (1, 3):
         raise UserError(f"config.data.num_channels must be 1 or 3, got {config.data.num_channels}")
+    latent = latent_spec(config, first_stage)
+    shape = (size, size, config.data.num_channels) if latent is None else latent.latent_shape
+    model = unet_config(config, diffusion_spec_, shape[-1])
+    try:
+        model.check_image_size(shape[0])
+    except ValueError as e:
+        raise UserError(f"config.data.image_size{' (latent)' if latent else ''}: {e}") from e
+    if latent is not None and diffusion_spec_.clip_x0:
+        raise UserError(
+            "config.sampling.clip_x0 must be False for a latent model: its latents are not "
+            "bounded by [-1, 1] as pixels are (set --config.sampling.clip_x0=False)"
+        )
     if config.data.get("shuffle_buffer", 1) < 1:
         raise UserError(
             f"config.data.shuffle_buffer must be >= 1 (1: no shuffling), got "
@@ -167,21 +189,57 @@ def build(config, num_devices: int = 1, num_processes: int = 1) -> spec.Setup:
         diffusion=diffusion_spec_,
         sampler=sampler_spec(config),
         training=train_spec(config),
-        image_shape=(size, size, config.data.num_channels),
+        image_shape=shape,
         seed=config.seed,
+        latent=latent,
     )
 
 
-def unet_config(config, diffusion_spec_: spec.DiffusionSpec | None = None) -> unet.UNetConfig:
+def latent_spec(config, described=None) -> spec.LatentSpec | None:
+    """The first stage of config.autoencoder.path (or `described`: its (AutoencoderConfig,
+    scale)), or None (pixel space). Its latents must have the shape the config states
+    (config.autoencoder.latent_size, latent_channels)."""
+    a = config.get("autoencoder")
+    if a is None or not (a.get("path") or described):
+        return None
+    from ddpm_jax import first_stage
+
+    cfg, folder_scale = described or first_stage.describe(a.path)
+    size, channels = config.data.image_size, config.data.num_channels
+    pixels = (size, size, channels)
+    if cfg.out_ch != channels or size % cfg.factor:
+        raise UserError(
+            f"config.autoencoder.path: the first stage at {a.path} encodes {cfg.out_ch}-channel "
+            f"images whose side is a multiple of f = {cfg.factor}; config.data makes {pixels}"
+        )
+    latent = cfg.latent_shape(pixels)
+    want = (a.latent_size, a.latent_size, a.latent_channels)
+    if latent != want:
+        raise UserError(
+            f"config.autoencoder.path: the first stage at {a.path} makes {latent} latents of "
+            f"{pixels} images (f = {cfg.factor}, z_channels = {cfg.z_channels}), but this model "
+            f"works on {want} (config.autoencoder.latent_size, latent_channels): use the first "
+            f"stage the model was built for, or set latent_size={latent[0]}, "
+            f"latent_channels={latent[2]} for a new model"
+        )
+    if not a.scale >= 0:
+        raise UserError(f"config.autoencoder.scale must be >= 0 (0: automatic), got {a.scale}")
+    return spec.LatentSpec(cfg, pixels, str(a.path), float(a.scale or folder_scale))
+
+
+def unet_config(
+    config, diffusion_spec_: spec.DiffusionSpec | None = None, channels: int | None = None
+) -> unet.UNetConfig:
     """The UNetConfig of config.model, its out_ch following from the diffusion spec
-    (config.data.num_channels, twice that with a learned variance)."""
+    (`channels`, by default config.data.num_channels, twice that with a learned
+    variance)."""
     fields = {f.name for f in dataclasses.fields(unet.UNetConfig)} - {"out_ch"}
     unknown = set(config.model) - fields
     if unknown:
         raise UserError(f"unknown config.model settings {sorted(unknown)}; known: {sorted(fields)}")
     model = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in config.model.items()}
     diffusion_spec_ = diffusion_spec_ or diffusion_spec(config)
-    out_ch = diffusion_spec_.output_channels(config.data.num_channels)
+    out_ch = diffusion_spec_.output_channels(channels or config.data.num_channels)
     try:
         return unet.UNetConfig(**model, out_ch=out_ch)
     except ValueError as e:

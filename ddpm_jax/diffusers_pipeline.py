@@ -213,6 +213,8 @@ def write(out, config, params) -> Path:
     if out.exists():
         raise UserError(f"{out} already exists; choose a new folder (nothing is overwritten)")
     setup = config_lib.build(config)
+    if setup.latent is not None:
+        raise UserError("a latent model does not export (only pixel-space DDPMPipelines do)")
     size, channels = setup.image_shape[0], setup.image_shape[-1]
     unet_json = diffusers_unet.diffusers_config(setup.unet, size, channels)
     scheduler = scheduler_config(config)

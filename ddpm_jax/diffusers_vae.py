@@ -69,17 +69,28 @@ def diffusers_name(path: tuple[str, ...], num_levels: int) -> str:
     return diffusers_unet.diffusers_name(path, num_levels)
 
 
+def describe(folder, **model) -> tuple[Path, autoencoder.AutoencoderConfig, float]:
+    """(the folder holding the weights, AutoencoderConfig, scaling_factor) of an
+    AutoencoderKL folder, of a pipeline folder's vae/ or of a Hub id; no weights are read."""
+    from ddpm_jax import diffusers_pipeline
+
+    folder = Path(diffusers_pipeline.resolve(folder))
+    folder = folder / "vae" if (folder / "vae" / "config.json").is_file() else folder
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder} has no config.json: not a diffusers AutoencoderKL folder")
+    config = diffusers_pipeline.read_json(folder / "config.json")
+    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise UserError(f"{folder} holds a {config['_class_name']}, not an AutoencoderKL")
+    return folder, *autoencoder_config(config, **model)
+
+
 def load(folder, **model):
     """(AutoencoderConfig, parameters, scaling_factor) of an AutoencoderKL folder or of a
     pipeline folder's vae/; `model` sets dtype and precision."""
     import jax
     import jax.numpy as jnp
 
-    from ddpm_jax import diffusers_pipeline
-
-    folder = Path(diffusers_pipeline.resolve(folder))
-    folder = folder / "vae" if (folder / "vae" / "config.json").is_file() else folder
-    cfg, scale = autoencoder_config(diffusers_pipeline.read_json(folder / "config.json"), **model)
+    folder, cfg, scale = describe(folder, **model)
     x = jnp.zeros((1, 2 * cfg.factor, 2 * cfg.factor, cfg.out_ch))
     expected = jax.eval_shape(autoencoder.Autoencoder(cfg).init, jax.random.key(0), x)["params"]
     state, where = diffusers_unet.read_weights(folder)

@@ -32,6 +32,8 @@ class Editor:
     images (a multiple of the device count); image i depends on (rng, i, x_0^i) alone."""
 
     def __init__(self, setup: Setup, devices=None):
+        if setup.latent is not None:
+            raise UserError("editing works on pixel-space models, not on a latent model")
         self.setup, self.mesh = setup, sharding.make_mesh(devices)
         self.max_chunk = -(-setup.sampler.batch_size // self.mesh.size) * self.mesh.size
         sampler, T = setup.sampler, setup.schedule.num_timesteps

@@ -17,6 +17,10 @@ Modes (--eval, comma-separated):
   pr        precision and recall (Kynkäänniemi et al. 2019, k = 3) against the same;
             fid, is, kid and pr share one pass of the samples through the network;
   fid_data  FID of config.eval.fid_split against --other_split: a real-data baseline.
+A latent model's samples are decoded before fid/is/kid/pr; its bound is in latent space
+(bpd_space in the results says so): not comparable with a pixel model's bits/dim.
+A first stage (config.stage = "autoencoder") takes --eval psnr[,fid]: the PSNR of the
+reconstructions D(μ(x)) of config.data.eval_split and their FID against fid_split.
 Writes WORKDIR/eval/step_N.json and TensorBoard scalars (eval/nll_bpd, eval/fid, ...).
 
 --pretrained FOLDER_or_HUB_ID (no --config) evaluates a diffusers pipeline instead, its
@@ -34,7 +38,8 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from ddpm_jax import checkpointing, config_lib, data, diffusers_pipeline, eval_modes
+from ddpm_jax import checkpointing, config_lib, data, diffusers_pipeline, eval_modes, first_stage
+from ddpm_jax.spec import Stage
 
 FLAGS = flags.FLAGS
 
@@ -62,6 +67,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.setup(FLAGS)
     config = FLAGS.config
+    if config_lib.stage(config) == Stage.AUTOENCODER:
+        return evaluate_first_stage(config)
     setup = config_lib.build(config, jax.device_count(), jax.process_count())
     eval_modes.check_modes(FLAGS.eval)
     batch_size = config.eval.batch_size if FLAGS.batch_size is None else FLAGS.batch_size
@@ -70,6 +77,7 @@ def main(argv):
         params, step = diffusers_pipeline.load_params(config.pretrained, setup), 0
     else:
         params, step = checkpointing.restore_params(FLAGS.workdir, config)
+        params = first_stage.bundle(setup, params, FLAGS.workdir, step)
     if set(FLAGS.eval) & {"nll", "fid", "kid", "pr", "fid_data"}:  # these read the dataset
         data.ensure_prepared(config, log=logging.info)
     scalars, arrays = eval_modes.run(
@@ -85,6 +93,32 @@ def main(argv):
         progress=True,
     )
     written = eval_modes.write_results(FLAGS.workdir, step, scalars, arrays)
+    if jax.process_index() == 0:
+        print(json.dumps(dict(scalars, step=step)))
+        print(f"evaluated step {step}; wrote {', '.join(map(str, written))}", file=sys.stderr)
+
+
+def evaluate_first_stage(config):
+    """--eval psnr[,fid] of a first stage's EMA weights: PSNR of the reconstructions of
+    config.data.eval_split, and their FID against config.eval.fid_split."""
+    from ddpm_jax import autoencoder_runs, autoencoder_training, fid
+
+    unknown = set(FLAGS.eval) - {"psnr", "fid"}
+    if unknown:
+        raise app.UsageError(f"a first stage is evaluated by --eval psnr[,fid]; got {FLAGS.eval}")
+    setup = autoencoder_training.build(config, jax.device_count(), jax.process_count())
+    batch_size = config.eval.batch_size if FLAGS.batch_size is None else FLAGS.batch_size
+    config_lib.check_batch("eval.batch_size", batch_size, jax.device_count(), jax.process_count())
+    params, step = checkpointing.restore_params(FLAGS.workdir, config)
+    data.ensure_prepared(config, log=logging.info)
+    network = reference = None
+    if "fid" in FLAGS.eval:
+        network = fid.load_network(config.eval.inception_path)
+        reference = eval_modes.reference_statistics(config, network, batch_size, True)
+    scalars = autoencoder_runs.evaluate(
+        config, setup, params, batch_size, FLAGS.max_batches, network, reference, progress=True
+    )
+    written = eval_modes.write_results(FLAGS.workdir, step, scalars)
     if jax.process_index() == 0:
         print(json.dumps(dict(scalars, step=step)))
         print(f"evaluated step {step}; wrote {', '.join(map(str, written))}", file=sys.stderr)

@@ -38,6 +38,7 @@ from ddpm_jax import (
     convert,
     diffusers_pipeline,
     editor,
+    first_stage,
     fs,
     images,
     sampling,
@@ -79,9 +80,11 @@ def load_params(setup):
         raise app.UsageError("give exactly one of --workdir and --params")
     if FLAGS.workdir is not None:
         params, step = checkpointing.restore_params(FLAGS.workdir, FLAGS.config)
+        params = first_stage.bundle(setup, params, FLAGS.workdir, step)
         return params, f"the EMA weights of step {step} in {FLAGS.workdir}"
     expected = convert.expected_params(setup)
-    return checkpointing.restore_converted(FLAGS.params, expected), FLAGS.params
+    params = checkpointing.restore_converted(FLAGS.params, expected)
+    return first_stage.bundle(setup, params), FLAGS.params
 
 
 def parse_labels(values):
@@ -105,6 +108,11 @@ def main(argv):
     num = FLAGS.num_samples * (1 if labels is None else len(labels))
     labels = None if labels is None else np.repeat(labels, FLAGS.num_samples)
     setup = config_lib.build(FLAGS.config)  # chunks of samples fit any device count
+    if mode is not None and setup.latent is not None:
+        raise app.UsageError(
+            "editing (--init_images) works on pixel-space models; this is a latent model "
+            "(config.autoencoder.path)"
+        )
     timeline.mark("built")
     params, source = load_params(setup)
     timeline.mark("restored")

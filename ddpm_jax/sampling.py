@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from ddpm_jax import first_stage, images, programs, reverse, sharding, timeline
 from ddpm_jax import guidance as guidance_lib  # `guidance` is also sample_fn's argument
-from ddpm_jax import images, programs, reverse, sharding, timeline
 from ddpm_jax.checkpointing import restore_params  # noqa: F401 (the Colab needs both)
 from ddpm_jax.errors import UserError
 from ddpm_jax.progress import Progress
@@ -68,7 +68,8 @@ class Sampler:
     device count, no larger than num_samples needs), each split over all devices, as
     segments of the chain (reverse.sample_segment) so that `progress` can show a bar over
     reverse steps; each chunk size compiles once, the segments share one program
-    (`segment`). Sample i depends only on (params, rng, i) (and its label and w): the
+    (`segment`). A latent model's params are a first_stage.LatentModel: its chunks are
+    decoded at the end. Sample i depends only on (params, rng, i) (and its label and w): the
     result is the same for any chunk size or number of devices.
     """
 
@@ -91,6 +92,9 @@ class Sampler:
             out_shardings=self.batch_sharding,
         )  # fmt: skip
         self.max_chunk = -(-setup.sampler.batch_size // self.mesh.size) * self.mesh.size
+        if setup.latent is not None:  # the latents decoded at the end of each chunk
+            decode = functools.partial(first_stage.decode, setup.latent)
+            self.decode = jax.jit(decode, out_shardings=self.batch_sharding)
 
     def __call__(
         self, params, rng: jax.Array, num_samples: int, output: Output | str = Output.UINT8,
@@ -110,11 +114,13 @@ class Sampler:
     ) -> Iterator[jax.Array]:
         """The chunks as sharded device arrays in [-1, 1], the last one possibly longer
         than needed (samples past num_samples are extra draws of the same stream)."""
-        check_num_samples(num_samples, self.setup.image_shape)
+        check_num_samples(num_samples, self.setup.data_shape)
+        first_stage.check_params(self.setup, params)
         classes, default_w = self.setup.num_classes, self.setup.sampler.guidance
         labels, w = guidance_lib.check(classes, labels, guidance, num_samples, default_w)
         size = min(self.max_chunk, -(-num_samples // self.mesh.size) * self.mesh.size)
         params = jax.device_put(params, sharding.replicated(self.mesh))
+        latent, params = (params, params.unet) if self.setup.latent else (None, params)
         w = jax.device_put(jnp.float32(w), sharding.replicated(self.mesh)) if w else None
         starts = range(0, num_samples, size)
         bar = Progress(len(starts) * self.num_steps, self.progress, self.desc)
@@ -127,7 +133,7 @@ class Sampler:
                 k = (self.num_steps - 1 - t_top) // self.length + 1
                 if start == 0 and k <= 2:  # the bench's rate of the first reverse steps
                     timeline.mark(f"segment{k}_done_{self.length}_steps", x)
-            yield x
+            yield x if latent is None else self.decode(latent.autoencoder, latent.scale, x)
         bar.close()
 
     def chunk_labels(self, labels: np.ndarray | None, start: int, size: int) -> jax.Array | None:

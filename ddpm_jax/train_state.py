@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from ddpm_jax import diffusion, programs, sharding, timesteps
+from ddpm_jax import first_stage as first_stage_lib  # `first_stage` is an argument
 from ddpm_jax.spec import Setup, TimestepSampler, TrainSpec
 
 
@@ -28,6 +29,7 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # raw uint32[2] key; step keys are fold_in(rng, step)
     history: Any = None  # timesteps.LossHistory of the importance sampler, else None
+    latent_scale: jax.Array | None = None  # a latent model's: float32, 0 until step 1
 
 
 def learning_rate_schedule(training: TrainSpec) -> optax.Schedule:
@@ -69,6 +71,7 @@ def init_state(setup: Setup, tx: optax.GradientTransformation) -> TrainState:
         opt_state=tx.init(params),
         rng=state_rng,
         history=timesteps.init_history(T) if importance else None,
+        latent_scale=None if setup.latent is None else jnp.float32(setup.latent.scale),
     )
 
 
@@ -79,13 +82,18 @@ def drop_labels(rng: jax.Array, y: jax.Array, p: float, num_classes: int) -> jax
 
 
 def train_step(
-    state: TrainState, batch, *, setup: Setup, tx: optax.GradientTransformation
+    state: TrainState, batch, first_stage=None, *, setup: Setup, tx: optax.GradientTransformation
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update on a batch of images x0 in [-1, 1], or (x0, labels) for a class model
-    (Algorithm 1). Returns (state, metrics)."""
+    (Algorithm 1); a latent model's images are encoded first by the frozen `first_stage`
+    parameters (first_stage.encode). Returns (state, metrics)."""
     sched, spec, training = setup.schedule, setup.diffusion, setup.training
     x0, y = batch if isinstance(batch, tuple) else (batch, None)
     step_rng = jax.random.fold_in(state.rng, state.step)
+    if setup.latent is not None:
+        z_rng = jax.random.fold_in(step_rng, 4)
+        x0, scale = first_stage_lib.encode(setup.latent, first_stage, x0, z_rng, state.latent_scale)
+        state = state.replace(latent_scale=scale)
     t_rng, eps_rng, dropout_rng = jax.random.split(step_rng, 3)
     if y is not None:
         rng = jax.random.fold_in(step_rng, 3)
@@ -147,8 +155,9 @@ def jit_train_step(
     by the setup: only for tx = make_optimizer(setup.training))."""
     step = functools.partial(train_step, setup=setup, tx=tx)
     state_sh = state_shardings(abstract_state, mesh)
+    frozen = () if setup.latent is None else (sharding.replicated(mesh),)  # the first stage
     kwargs = dict(
-        in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+        in_shardings=(state_sh, sharding.batch_sharding(mesh), *frozen),
         out_shardings=(state_sh, sharding.replicated(mesh)),
         donate_argnums=0,
     )

@@ -66,6 +66,14 @@ def get_config():
     config.training.sample_every = 50_000
     config.training.num_sample_images = 64
 
+    # Latent diffusion (Rombach et al. 2022): path "" is pixel space; a first stage's
+    # training workdir or a diffusers AutoencoderKL folder runs the diffusion on its latents.
+    config.autoencoder = ml_collections.ConfigDict()
+    config.autoencoder.path = ""
+    config.autoencoder.latent_size = 0  # the latents' side and channels the U-Net is built
+    config.autoencoder.latent_channels = 0  # for (checked against the first stage's)
+    config.autoencoder.scale = 0.0  # 0: the folder's scaling_factor, or 1/std of batch 1
+
     config.sampling = ml_collections.ConfigDict()
     config.sampling.clip_x0 = True
     config.sampling.batch_size = 256
