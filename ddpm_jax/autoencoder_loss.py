@@ -31,12 +31,21 @@ class LossSpec:
     disc_weight: float = 0.5
     disc_layers: int = 3
     disc_ch: int = 64
+    perceptual_weight: float = 0.0  # of LPIPS (lpips.py), added per pixel as LDM does
+    lpips_weights: str = ""  # the folder of its weights (vgg16*.pth and vgg.pth)
 
     def __post_init__(self):
         if self.rec not in ("l1", "l2"):
             raise ValueError(f"rec must be 'l1' or 'l2', got {self.rec!r}")
-        if self.kl_weight < 0 or self.disc_weight < 0 or self.disc_start < 0:
-            raise ValueError("kl_weight, disc_weight and disc_start must be >= 0")
+        if min(self.kl_weight, self.disc_weight, self.disc_start, self.perceptual_weight) < 0:
+            raise ValueError(
+                "kl_weight, disc_weight, disc_start and perceptual_weight must be >= 0"
+            )
+        if self.perceptual_weight and not self.lpips_weights:
+            raise ValueError(
+                "perceptual_weight > 0 needs lpips_weights: a folder with torchvision's VGG16 "
+                "weights (vgg16-397923af.pth) and LPIPS's vgg.pth (nothing is downloaded)"
+            )
 
     @property
     def adversarial(self) -> bool:
@@ -75,10 +84,15 @@ def init_discriminator(rng, image_shape, spec: LossSpec):
     return jax.jit(model.init)(rng, jnp.zeros((2, *image_shape)))["params"]
 
 
-def reconstruction(x, x_hat, kind: str) -> jax.Array:
-    """Σ_pixels |x - x̂| (or squared), averaged over the batch."""
+def reconstruction(x, x_hat, kind: str, perceptual=None, weight=0.0) -> jax.Array:
+    """Σ_pixels (|x - x̂| (or squared) + weight · LPIPS(x, x̂)), averaged over the batch
+    (LDM adds the perceptual distance of each example at each of its pixels);
+    perceptual(x, x̂) -> the distance per example, or None."""
     err = jnp.abs(x - x_hat) if kind == "l1" else (x - x_hat) ** 2
-    return jnp.sum(err) / x.shape[0]
+    total = jnp.sum(err)
+    if perceptual is not None and weight:
+        total += weight * jnp.sum(perceptual(x, x_hat)) * (x[0].size)
+    return total / x.shape[0]
 
 
 def switch(step, start) -> jax.Array:
@@ -96,13 +110,16 @@ def hinge_d_loss(logits_real, logits_fake) -> jax.Array:
     return 0.5 * (jnp.mean(nn.relu(1.0 - logits_real)) + jnp.mean(nn.relu(1.0 + logits_fake)))
 
 
-def generator_loss(x, features, last, mean, logvar, disc_params, step, spec: LossSpec):
+def generator_loss(x, features, last, mean, logvar, disc_params, step, spec: LossSpec,
+                   perceptual=None):  # fmt: skip
     """(L_AE, metrics) from the decoder's features before its last layer `last` (a
-    function of its parameters w and the features: x̂ = last(w, features)), w inside."""
+    function of its parameters w and the features: x̂ = last(w, features)), w inside;
+    perceptual: LPIPS per example, where spec.perceptual_weight is on."""
     w, apply_last = last
 
     def rec_of(w_):
-        return reconstruction(x, apply_last(w_, features), spec.rec)
+        x_hat = apply_last(w_, features)
+        return reconstruction(x, x_hat, spec.rec, perceptual, spec.perceptual_weight)
 
     def g_of(w_):
         return -jnp.mean(discriminator_logits(disc_params, apply_last(w_, features), spec))

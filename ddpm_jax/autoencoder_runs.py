@@ -8,7 +8,17 @@ import functools
 import jax
 import numpy as np
 
-from ddpm_jax import autoencoder_training, bound, eval_modes, fid, fs, images, sharding, training
+from ddpm_jax import (
+    autoencoder_training,
+    bound,
+    eval_modes,
+    fid,
+    fs,
+    images,
+    lpips,
+    sharding,
+    training,
+)
 from ddpm_jax import workdir as workdir_lib
 
 
@@ -22,7 +32,10 @@ class AutoencoderTrainer(training.Trainer):
         self.mesh = sharding.make_mesh(self.devices)
         functions = autoencoder_training.jit_functions(self.setup, self.mesh)
         self.abstract_state, self.init, self.train_step = functions
-        self.frozen = ()
+        self.frozen = ()  # the perceptual network, where the loss has one
+        if self.setup.loss.perceptual_weight:
+            weights = lpips.load(self.setup.loss.lpips_weights)
+            self.frozen = (jax.device_put(weights, sharding.replicated(self.mesh)),)
 
     def sample_params(self, state):
         return state.ema_params

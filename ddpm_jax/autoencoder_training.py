@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddpm_jax import autoencoder, autoencoder_loss, config_lib, sharding, train_state
+from ddpm_jax import autoencoder, autoencoder_loss, config_lib, lpips, sharding, train_state
 from ddpm_jax.errors import UserError
 from ddpm_jax.spec import Stage, TrainSpec
 
@@ -106,9 +106,11 @@ def make_optimizers(setup: FirstStageSetup):
     return train_state.make_optimizer(setup.training), train_state.make_optimizer(setup.training)
 
 
-def generator_terms(setup: FirstStageSetup, params, disc_params, x, rng, step):
-    """(L_AE, (metrics, x̂)) of a batch, z drawn from q(z | x) with rng."""
+def generator_terms(setup: FirstStageSetup, params, disc_params, x, rng, step, lpips_params=None):
+    """(L_AE, (metrics, x̂)) of a batch, z drawn from q(z | x) with rng; lpips_params: the
+    perceptual network's, where loss.perceptual_weight > 0."""
     model, spec = setup.model, setup.loss
+    perceptual = None if lpips_params is None else functools.partial(lpips.distance, lpips_params)
     mean, logvar = model.apply({"params": params}, x, method="encode")
     z = autoencoder.sample_posterior(rng, mean, logvar)
     h = model.apply({"params": params}, z, method="decode_features")
@@ -116,10 +118,12 @@ def generator_terms(setup: FirstStageSetup, params, disc_params, x, rng, step):
     x_hat = apply_last(w, h)
     if spec.adversarial:
         total, metrics = autoencoder_loss.generator_loss(
-            x, h, (w, apply_last), mean, logvar, disc_params, step, spec
+            x, h, (w, apply_last), mean, logvar, disc_params, step, spec, perceptual
         )
     else:
-        rec = autoencoder_loss.reconstruction(x, x_hat, spec.rec)
+        rec = autoencoder_loss.reconstruction(
+            x, x_hat, spec.rec, perceptual, spec.perceptual_weight
+        )
         kl = jnp.mean(autoencoder.kl(mean, logvar))
         total, metrics = rec + spec.kl_weight * kl, dict(rec=rec, kl=kl)
     return total, (metrics, x_hat)
@@ -143,10 +147,12 @@ def discriminator_update(setup: FirstStageSetup, disc_tx, state, x, x_hat):
     return optax.apply_updates(state.disc_params, updates), opt_state, d_loss
 
 
-def train_step(state: AutoencoderState, x, *, setup: FirstStageSetup, tx, disc_tx):
-    """One update of the autoencoder on L_AE, of its EMA, and of the discriminator."""
+def train_step(state: AutoencoderState, x, lpips_params=None, *, setup: FirstStageSetup, tx,
+               disc_tx):  # fmt: skip
+    """One update of the autoencoder on L_AE, of its EMA, and of the discriminator;
+    lpips_params: the frozen perceptual network's (loss.perceptual_weight > 0)."""
     rng = jax.random.fold_in(state.rng, state.step)
-    terms = functools.partial(generator_terms, setup)
+    terms = functools.partial(generator_terms, setup, lpips_params=lpips_params)
     grad_fn = jax.value_and_grad(terms, has_aux=True)
     (loss, (metrics, x_hat)), grads = grad_fn(state.params, state.disc_params, x, rng, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -174,8 +180,9 @@ def jit_functions(setup: FirstStageSetup, mesh):
     abstract = jax.eval_shape(init)
     state_sh = train_state.state_shardings(abstract, mesh)
     step = functools.partial(train_step, setup=setup, tx=tx, disc_tx=disc_tx)
+    frozen = (sharding.replicated(mesh),) if setup.loss.perceptual_weight else ()  # LPIPS
     jitted_step = jax.jit(
-        step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+        step, in_shardings=(state_sh, sharding.batch_sharding(mesh), *frozen),
         out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0,
     )  # fmt: skip
     return abstract, jax.jit(init, out_shardings=state_sh), jitted_step

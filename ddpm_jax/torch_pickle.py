@@ -69,8 +69,10 @@ ALLOWED = {
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, data, read_storage, where):
-        super().__init__(io.BytesIO(data))
+    """read_storage(key, dtype, numel) -> the storage's bytes."""
+
+    def __init__(self, file, read_storage, where):
+        super().__init__(file)
         self.read_storage, self.where = read_storage, where
 
     def find_class(self, module, name):
@@ -83,23 +85,51 @@ class _Unpickler(pickle.Unpickler):
         return ALLOWED[(module, name)]
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and pid[0] == "storage" and len(pid) == 5):
+        # ('storage', type, key, location, numel), and a view's metadata (None) in the
+        # legacy format
+        legacy_view = len(pid) == 6 and pid[5] is None if isinstance(pid, tuple) else False
+        if not (isinstance(pid, tuple) and pid[0] == "storage" and (len(pid) == 5 or legacy_view)):
             raise UserError(f"{self.where}: unknown persistent id {pid!r:.80} in the pickle")
-        _, storage, key, _, numel = pid
+        _, storage, key, _, numel = pid[:5]
         if not isinstance(storage, _Storage):
             raise UserError(f"{self.where}: storage of an unknown type in the pickle")
-        data = self.read_storage(str(key))
+        data = self.read_storage(str(key), storage.dtype, int(numel))
         return np.frombuffer(data, storage.dtype, count=int(numel))
 
 
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of torch < 1.6's format
+
+
+def _load_legacy(path) -> object:
+    """The object of a file in torch's legacy format: pickles of the magic number, the
+    protocol version and system information, the object (its storages by key), the sorted
+    storage keys, then each storage as an int64 element count and its bytes. The object
+    is read twice: first to learn each storage's dtype, then with the storages."""
+    with open(path, "rb") as f:
+        header = [_Unpickler(f, None, path).load() for _ in range(3)]
+        if header[0] != LEGACY_MAGIC or header[1] != 1001 or not isinstance(header[2], dict):
+            raise UserError(f"{path}: neither a zip-format nor a legacy torch file")
+        start, dtypes = f.tell(), {}
+
+        def note(key, dtype, numel):
+            dtypes[key] = dtype
+            return bytes(numel * dtype.itemsize)
+
+        _Unpickler(f, note, path).load()
+        keys, storages = _Unpickler(f, None, path).load(), {}
+        for key in keys:
+            numel = int(np.frombuffer(f.read(8), "<i8")[0])
+            storages[key] = f.read(numel * dtypes[key].itemsize)
+        f.seek(start)
+        return _Unpickler(f, lambda key, *_: storages[key], path).load()
+
+
 def load(path) -> dict[str, np.ndarray]:
-    """{name: array} of a torch.save'd state dict at `path` (zip format)."""
+    """{name: array} of a torch.save'd state dict at `path` (zip format, or the legacy
+    format of torch < 1.6, as torchvision's VGG16 and LPIPS's weights are)."""
     path = str(path)
     if not zipfile.is_zipfile(path):
-        raise UserError(
-            f"{path}: not a zip-format torch file (torch < 1.6 wrote another format); "
-            "re-save it with torch.save in a trusted torch, or use .safetensors"
-        )
+        return _checked(_load_legacy(path), path)
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         pickles = [n for n in names if n.endswith("/data.pkl")]
@@ -109,8 +139,12 @@ def load(path) -> dict[str, np.ndarray]:
         order = archive.read(prefix + "byteorder") if prefix + "byteorder" in names else b"little"
         if order.strip() != b"little":
             raise UserError(f"{path}: big-endian tensors are not supported")
-        read = lambda key: archive.read(f"{prefix}data/{key}")  # noqa: E731
-        state = _Unpickler(archive.read(pickles[0]), read, path).load()
+        read = lambda key, *_: archive.read(f"{prefix}data/{key}")  # noqa: E731
+        state = _Unpickler(io.BytesIO(archive.read(pickles[0])), read, path).load()
+    return _checked(state, path)
+
+
+def _checked(state, path) -> dict[str, np.ndarray]:
     if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
         raise UserError(f"{path}: not a state dict of tensors")
     return dict(state)

@@ -30,6 +30,10 @@ def get_config():
         dict(rec="l1", kl_weight=1e-6, disc_start=50_001, disc_weight=0.0, disc_layers=2,
              disc_ch=32)
     )  # fmt: skip
+    # LPIPS (lpips.py) with weight perceptual_weight, LDM's 1.0, needs its weights: a
+    # folder with torchvision's vgg16-397923af.pth and LPIPS's vgg.pth (v0.1)
+    config.loss.perceptual_weight = 0.0
+    config.loss.lpips_weights = ""
     config.training.num_steps = 3_000
     config.training.learning_rate = 5e-4
     config.training.sample_every = 1_000  # grids of inputs above their reconstructions

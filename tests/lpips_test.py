@@ -1,0 +1,88 @@
+"""LPIPS against the `lpips` package (tests/fixtures/make_lpips_references.py: random VGG16
+and linear weights, the linear layers read from a legacy-format torch file), and its
+properties."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from ddpm_jax import lpips, torch_pickle
+from ddpm_jax.errors import UserError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+import diffusers_weights  # noqa: E402
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture(scope="module")
+def case():
+    with np.load(DATA / "lpips_references.npz") as data:
+        refs = {k: data[k] for k in data.files}
+    keys = [str(k) for k in refs["keys"]]
+    vgg = diffusers_weights.draw(keys, json.loads(str(refs["shapes"])), int(refs["seed"]))
+    lin = torch_pickle.load(DATA / "lpips_lin_random.pth")
+    return refs, lpips.params_from_state_dicts(vgg, lin), lin
+
+
+def test_legacy_torch_file_reads_without_torch(case):
+    refs, _, lin = case
+    assert sorted(lin) == sorted(k.removeprefix("lin/") for k in refs if k.startswith("lin/"))
+    for name, value in lin.items():
+        np.testing.assert_array_equal(value, refs[f"lin/{name}"])
+
+
+def test_matches_the_lpips_package(case):
+    refs, params, _ = case
+    got = jax.jit(lpips.distance)(params, refs["x"], refs["x_hat"])
+    np.testing.assert_allclose(got, refs["distance"], rtol=1e-5)
+
+
+def test_identity_symmetry_and_grey(case):
+    refs, params, _ = case
+    x, x_hat = refs["x"], refs["x_hat"]
+    fn = jax.jit(lpips.distance)
+    np.testing.assert_allclose(fn(params, x, x), 0.0, atol=1e-12)
+    np.testing.assert_allclose(fn(params, x_hat, x), fn(params, x, x_hat), rtol=1e-6)
+    grey, grey_hat = x[..., :1], x_hat[..., :1]
+    rgb = lambda a: np.repeat(a, 3, axis=-1)  # noqa: E731
+    np.testing.assert_allclose(fn(params, grey, grey_hat), fn(params, rgb(grey), rgb(grey_hat)),
+                               rtol=1e-6)  # fmt: skip
+
+
+def test_folder_loading_and_refusals(case, tmp_path):
+    with pytest.raises(UserError, match="vgg16-397923af.pth"):
+        lpips.load(tmp_path)
+    shutil.copy(DATA / "lpips_lin_random.pth", tmp_path / "vgg.pth")
+    shutil.copy(DATA / "lpips_lin_random.pth", tmp_path / "vgg16-397923af.pth")
+    with pytest.raises(UserError, match="features.0: not torchvision's"):
+        lpips.load(tmp_path)
+
+
+def test_first_stage_loss_adds_the_perceptual_term_per_pixel(case):
+    """L_AE with perceptual_weight λ_p is L_AE without it + λ_p · mean_b LPIPS · H·W·C (the
+    distance of each example added at each of its pixels, as LDM), and the jitted step of a
+    first stage with LPIPS runs."""
+    from ddpm_jax import autoencoder, autoencoder_loss, autoencoder_training, sharding, spec
+
+    refs, params, _ = case
+    loss = autoencoder_loss.LossSpec(disc_weight=0.0, perceptual_weight=0.5, lpips_weights="x")
+    cfg = autoencoder.AutoencoderConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=2,
+                                        norm_groups=4)  # fmt: skip
+    setup = autoencoder_training.FirstStageSetup(cfg, loss, spec.TrainSpec(batch_size=2),
+                                                 (32, 32, 3))  # fmt: skip
+    ae = setup.model.init(jax.random.key(0), refs["x"])["params"]
+    args = (setup, ae, None, refs["x"], jax.random.key(1), 0)
+    with_p, (_, x_hat) = autoencoder_training.generator_terms(*args, lpips_params=params)
+    without, _ = autoencoder_training.generator_terms(*args)
+    d = lpips.distance(params, refs["x"], x_hat)
+    np.testing.assert_allclose(with_p - without, 0.5 * np.mean(d) * 32 * 32 * 3, rtol=1e-4)
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    _, init, step = autoencoder_training.jit_functions(setup, mesh)
+    state, metrics = step(init(), refs["x"], params)
+    assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
