@@ -4,8 +4,10 @@ the first batch), sampling and evaluation decoded, a diffusers AutoencoderKL as 
 stage, and the refusals."""
 
 import dataclasses
+import functools
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,7 +33,8 @@ from ddpm_jax.errors import UserError
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from autoencoder_test import write_vae  # noqa: E402
 
-REFERENCES = Path(__file__).resolve().parent / "data" / "diffusers_references.npz"
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCES = ROOT / "tests" / "data" / "diffusers_references.npz"
 
 
 def ae_config(**training_settings):
@@ -55,9 +58,7 @@ def latent_config(ae_workdir, **training_settings):
     config.data.data_dir = str(mnist_data_dir())
     config.data.image_size = 8
     config.autoencoder.update(path=str(ae_workdir), latent_size=4, latent_channels=2)
-    config.model.update(
-        ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(2,), norm_groups=8
-    )
+    config.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(2,))
     config.diffusion.update(num_timesteps=20, beta_end=0.2)
     config.training.update(batch_size=8, num_steps=4, warmup_steps=2, log_every=2,
                            checkpoint_every=2, sample_every=0)  # fmt: skip
@@ -273,3 +274,40 @@ def test_the_latent_configs_have_ldm_sizes():
     mnist = config_lib.build(config_lib.load_config("mnist_latent"),
                              first_stage=(mnist_ae.autoencoder, 0.0))  # fmt: skip
     assert (mnist.image_shape, mnist.data_shape) == ((8, 8, 4), (32, 32, 1))
+
+
+def flags_of(config, name):
+    """--config.KEY=VALUE for each setting in which config differs from the packaged one."""
+    base, flags = config_lib.load_config(name), []
+    get = lambda c, key: functools.reduce(lambda d, k: d[k], key.split("."), c)  # noqa: E731
+    for key in config_lib.setting_names(config):
+        if get(config, key) != get(base, key):
+            flags.append(f"--config.{key}={get(config, key)}")
+    return flags
+
+
+def test_entry_points_on_both_stages(ae_workdir, latent_workdir, tmp_path):
+    """evaluate.py --eval psnr on the first stage; sample.py on the latent model (decoded
+    images), and its refusal to edit."""
+
+    def run(tool, *args):
+        cmd = [sys.executable, str(ROOT / f"{tool}.py"), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+    ae_flags = flags_of(ae_config(), "mnist_autoencoder")
+    result = run("evaluate", "--config", "mnist_autoencoder", "--workdir", str(ae_workdir),
+                 "--eval", "psnr", "--max_batches", "1", *ae_flags)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    scalars = json.loads(result.stdout.strip().splitlines()[-1])
+    assert scalars["psnr_examples"] == 8 and scalars["step"] == 4
+    latent_flags = flags_of(latent_config(ae_workdir), "mnist_latent")
+    common = ["--config", "mnist_latent", "--workdir", str(latent_workdir), *latent_flags]
+    out = tmp_path / "samples"
+    result = run("sample", *common, "--out", str(out), "--num_samples", "3",
+                 "--config.sampling.method=ddim", "--config.sampling.num_steps=4")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    with np.load(out.with_suffix(".npz")) as data:
+        assert data["images"].shape == (3, 8, 8, 1)
+    result = run("sample", *common, "--out", str(tmp_path / "e"), "--strength", "0.5",
+                 "--init_images", str(out.with_suffix(".npz")))  # fmt: skip
+    assert result.returncode == 1 and "this is a latent model" in result.stderr
