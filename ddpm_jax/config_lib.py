@@ -224,7 +224,10 @@ def latent_spec(config, described=None) -> spec.LatentSpec | None:
         )
     if not a.scale >= 0:
         raise UserError(f"config.autoencoder.scale must be >= 0 (0: automatic), got {a.scale}")
-    return spec.LatentSpec(cfg, pixels, str(a.path), float(a.scale or folder_scale))
+    step = a.get("step", 0)
+    if not isinstance(step, int) or step < 0:
+        raise UserError(f"config.autoencoder.step must be >= 0 (0: the newest), got {step!r}")
+    return spec.LatentSpec(cfg, pixels, str(a.path), float(a.scale or folder_scale), step)
 
 
 def unet_config(

@@ -19,6 +19,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 
 from ddpm_jax import autoencoder, checkpointing, fs
 from ddpm_jax.errors import UserError
@@ -79,8 +80,11 @@ def load_params(latent: LatentSpec, sharding=None):
     """The first stage's parameters: a workdir's newest good EMA weights, or a diffusers
     folder's."""
     if is_workdir(latent.source):
-        config = workdir_config(latent.source)
-        return checkpointing.restore_params(latent.source, config, sharding=sharding)[0]
+        config, step = workdir_config(latent.source), latent.step or None
+        params, step = checkpointing.restore_params(latent.source, config, step=step,
+                                                    sharding=sharding)  # fmt: skip
+        logging.info("first stage: the EMA weights of step %d in %s", step, latent.source)
+        return params
     from ddpm_jax import diffusers_vae
 
     return diffusers_vae.load(latent.source)[1]

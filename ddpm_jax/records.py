@@ -16,7 +16,7 @@ SHAPING = dict(
     data=("image_size", "num_channels"),
     training=("timestep_sampler",),
     autoencoder=("latent_size", "latent_channels"),
-    loss=("disc_weight", "disc_layers", "disc_ch"),
+    loss=("disc_layers", "disc_ch"),  # (whether there is a discriminator: its state's shape)
 )
 
 

@@ -187,6 +187,7 @@ class LatentSpec:
     pixel_shape: tuple[int, int, int]  # (H, W, C) of the data the autoencoder encodes
     source: str  # the first stage's training workdir, or a diffusers AutoencoderKL folder
     scale: float  # the latents' factor; 0: 1/std of the first training batch's latents
+    step: int = 0  # a workdir's checkpoint to use; 0: its newest good one
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

@@ -26,6 +26,7 @@ from ddpm_jax import (
     first_stage,
     input_pipeline,
     sampling,
+    sharding,
     training,
 )
 from ddpm_jax.errors import UserError
@@ -311,3 +312,31 @@ def test_entry_points_on_both_stages(ae_workdir, latent_workdir, tmp_path):
     result = run("sample", *common, "--out", str(tmp_path / "e"), "--strength", "0.5",
                  "--init_images", str(out.with_suffix(".npz")))  # fmt: skip
     assert result.returncode == 1 and "this is a latent model" in result.stderr
+
+
+def test_latent_step_on_four_devices_equals_one(ae_workdir, tmp_path):
+    """The encoding inside the step (and the first batch's scale, a std over the global
+    batch) is the same sharded over 4 devices as on 1."""
+    config = latent_config(ae_workdir)
+    batches = [next(input_pipeline.train_iterator(config, 8, seed=s)) for s in range(2)]
+    finals = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        trainer = training.Trainer(config, tmp_path / str(len(devices)), devices)
+        state = trainer.init()
+        for batch in batches:
+            state, _ = trainer.step(state, sharding.global_batch(batch, trainer.mesh))
+        finals.append(jax.tree.map(np.asarray, state))
+    np.testing.assert_allclose(finals[0].latent_scale, finals[1].latent_scale, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+                 finals[0].params, finals[1].params)  # fmt: skip
+
+
+def test_a_first_stage_checkpoint_can_be_pinned(ae_workdir):
+    config = latent_config(ae_workdir)
+    config.autoencoder.step = 2
+    pinned = first_stage.load_params(config_lib.build(config).latent)
+    want, _ = sampling.restore_params(ae_workdir, first_stage.workdir_config(ae_workdir), step=2)
+    newest = first_stage.load_params(config_lib.build(latent_config(ae_workdir)).latent)
+    jax.tree.map(np.testing.assert_array_equal, pinned, want)
+    differ = jax.tree.map(lambda a, b: bool(np.any(a != b)), pinned, newest)
+    assert any(jax.tree.leaves(differ))

@@ -73,6 +73,7 @@ def get_config():
     config.autoencoder.latent_size = 0  # the latents' side and channels the U-Net is built
     config.autoencoder.latent_channels = 0  # for (checked against the first stage's)
     config.autoencoder.scale = 0.0  # 0: the folder's scaling_factor, or 1/std of batch 1
+    config.autoencoder.step = 0  # a first stage's workdir: its checkpoint; 0: the newest
 
     config.sampling = ml_collections.ConfigDict()
     config.sampling.clip_x0 = True
