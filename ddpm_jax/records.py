@@ -42,6 +42,8 @@ def differences(recorded, config):
     """The settings in which config differs from a record, as readable lines."""
     current, lines = settings(config), []
     for name, value in recorded.items():
+        if name not in current and value is None:  # absent then, and not recorded now
+            continue
         if name not in current:
             lines.append(f"{name}={value!r} (not a setting of this config)")
         elif current[name] != value:

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import records
+from ddpm_jax import config_lib, records
 
 
 def test_fingerprint_is_two_wrapping_sums_of_the_words():
@@ -56,3 +56,15 @@ def test_a_record_must_be_one_of_its_step(tmp_path, text, reason):
     (tmp_path / "4" / "record" / "metadata").write_text(json.dumps(good))
     assert records.read_record(tmp_path / "4") == good
     assert records.read_record(tmp_path / "5") is None  # a step saved without a record
+
+
+def test_differences_name_each_setting_and_skip_ones_absent_from_both():
+    config = config_lib.load_config("tiny")
+    recorded = records.settings(config)
+    assert records.differences(recorded, config) == []
+    assert recorded["autoencoder.latent_size"] == 0 and recorded["loss.disc_ch"] is None
+    changed = dict(recorded, **{"model.ch": 64, "loss.old": 3, "loss.gone": None})
+    assert records.differences(changed, config) == [
+        "model.ch=64 (this config: 32)",
+        "loss.old=3 (not a setting of this config)",
+    ]
