@@ -3,8 +3,6 @@ state and step), its grids of inputs against reconstructions, and its reconstruc
 metrics (PSNR, and the FID of reconstructions where config.eval.inception_path is set),
 periodically during training and from evaluate.py."""
 
-import functools
-
 import jax
 import numpy as np
 
@@ -100,28 +98,35 @@ class ReconstructionGrid:
         return grid
 
 
-def evaluate(config, setup, params, batch_size, max_batches=None, network=None, reference=None,
-             devices=None, progress=False) -> dict:  # fmt: skip
-    """{'psnr' (mean dB over the examples), 'psnr_examples'} of the EMA reconstructions of
-    config.data.eval_split (its first max_batches batches), and 'rec_fid' against
-    `reference` where the Inception `network` is given."""
-    mesh = sharding.make_mesh(devices)
-    rec = reconstruct_fn(setup, mesh)
-    act = None if network is None else fid.make_activations_fn(network[0], mesh)
-    params = jax.device_put(params, sharding.replicated(mesh))
+class ReconstructionMetrics:
+    """metrics(config, params, batch_size, ...) -> {'psnr' (mean dB over the examples),
+    'psnr_examples'} of the EMA reconstructions of config.data.eval_split (its first
+    max_batches batches), and 'rec_fid' against `reference` where the Inception `network`
+    is given. Compiled once, for every evaluation."""
 
-    def step(x, index, *labels):
-        x_hat, psnr = rec(params, x)
-        return {"psnr": psnr} | ({} if act is None else {"pool3": act(x_hat)["pool3"]})
+    def __init__(self, setup, devices=None, network=None):
+        self.mesh = sharding.make_mesh(devices)
+        self.rec = reconstruct_fn(setup, self.mesh)
+        self.act = None if network is None else fid.make_activations_fn(network[0], self.mesh)
 
-    out = bound.map_split(step, config, batch_size, mesh, max_batches=max_batches,
-                          progress=progress)  # fmt: skip
-    scalars = {"psnr": float(np.mean(out["psnr"])), "psnr_examples": len(out["psnr"])}
-    if act is not None:
-        stats = fid.feature_statistics(out["pool3"])
-        scalars["rec_fid"] = fid.frechet_distance(*stats, *reference[:2])
-        scalars["fid_reference"] = f"{config.data.dataset} {config.eval.fid_split}"
-    return scalars
+    def __call__(self, config, params, batch_size, max_batches=None, reference=None,
+                 progress=False) -> dict:  # fmt: skip
+        params = jax.device_put(params, sharding.replicated(self.mesh))
+
+        def step(x, index, *labels):
+            x_hat, psnr = self.rec(params, x)
+            return {"psnr": psnr} | (
+                {} if self.act is None else {"pool3": self.act(x_hat)["pool3"]}
+            )
+
+        out = bound.map_split(step, config, batch_size, self.mesh, max_batches=max_batches,
+                              progress=progress)  # fmt: skip
+        scalars = {"psnr": float(np.mean(out["psnr"])), "psnr_examples": len(out["psnr"])}
+        if self.act is not None:
+            stats = fid.feature_statistics(out["pool3"])
+            scalars["rec_fid"] = fid.frechet_distance(*stats, *reference[:2])
+            scalars["fid_reference"] = f"{config.data.dataset} {config.eval.fid_split}"
+        return scalars
 
 
 class PeriodicEvaluator:
@@ -136,13 +141,11 @@ class PeriodicEvaluator:
             self.reference = eval_modes.reference_statistics(
                 config, self.network, config.eval.batch_size, False, devices
             )
-        self.evaluate = functools.partial(
-            evaluate, config, setup, batch_size=config.eval.batch_size,
-            max_batches=config.eval.psnr_batches, network=self.network,
-            reference=self.reference, devices=devices,
-        )  # fmt: skip
+        self.metrics = ReconstructionMetrics(setup, devices, self.network)
 
     def __call__(self, ema_params, step):
-        scalars = self.evaluate(params=ema_params)
+        e = self.config.eval
+        scalars = self.metrics(self.config, ema_params, e.batch_size, e.psnr_batches,
+                               self.reference)  # fmt: skip
         eval_modes.write_results(self.workdir, step, scalars)
         return scalars

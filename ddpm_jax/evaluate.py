@@ -115,9 +115,8 @@ def evaluate_first_stage(config):
     if "fid" in FLAGS.eval:
         network = fid.load_network(config.eval.inception_path)
         reference = eval_modes.reference_statistics(config, network, batch_size, True)
-    scalars = autoencoder_runs.evaluate(
-        config, setup, params, batch_size, FLAGS.max_batches, network, reference, progress=True
-    )
+    metrics = autoencoder_runs.ReconstructionMetrics(setup, network=network)
+    scalars = metrics(config, params, batch_size, FLAGS.max_batches, reference, progress=True)
     written = eval_modes.write_results(FLAGS.workdir, step, scalars)
     if jax.process_index() == 0:
         print(json.dumps(dict(scalars, step=step)))

@@ -16,27 +16,13 @@ shape; this one is KL-regularised. LDM's learning rate is 4.5e-6 x batch (Adam Î
 celeb_a_hq/256, prepared by hand.
 """
 
-import ml_collections
-
 from ddpm_jax.configs import celeba_hq
+from ddpm_jax.configs._first_stage import first_stage
 
 
 def get_config():
-    config = celeba_hq.get_config()
-    config.stage = "autoencoder"
-    del config.diffusion, config.sampling, config.autoencoder
-    config.model = ml_collections.ConfigDict(
-        dict(ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, z_channels=3, norm_groups=32,
-             mid_attention=True, dtype="float32", precision="default")
-    )  # fmt: skip
-    config.loss = ml_collections.ConfigDict(
-        dict(rec="l1", kl_weight=1e-6, disc_start=50_001, disc_weight=0.5, disc_layers=3,
-             disc_ch=64)
-    )  # fmt: skip
-    # LPIPS (lpips.py) with weight perceptual_weight, LDM's 1.0, needs its weights: a
-    # folder with torchvision's vgg16-397923af.pth and LPIPS's vgg.pth (v0.1)
-    config.loss.perceptual_weight = 0.0
-    config.loss.lpips_weights = ""
+    config = first_stage(celeba_hq.get_config())  # LDM's kl-f4 layout
+    config.loss.disc_weight = 0.5
     config.training.batch_size = 16
     config.training.learning_rate = 4.5e-6 * 16
     config.training.warmup_steps = 0
@@ -46,6 +32,4 @@ def get_config():
     config.training.num_sample_images = 8
     config.eval.batch_size = 16
     config.eval.every = 10_000
-    del config.eval.nll_batches, config.eval.fid_samples, config.eval.num_samples
-    config.eval.psnr_batches = 16
     return config

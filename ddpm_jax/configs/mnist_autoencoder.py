@@ -11,35 +11,20 @@ pixels + 1e-6 KL; the patch discriminator is off (disc_weight 0; LDM switches it
 50k steps, beyond this budget). Then mnist_latent trains DDPM on its latents.
 """
 
-import ml_collections
-
 from ddpm_jax.configs import mnist
+from ddpm_jax.configs._first_stage import first_stage
 
 
 def get_config():
-    config = mnist.get_config()
-    config.stage = "autoencoder"
-    del config.diffusion, config.sampling, config.autoencoder
+    config = first_stage(mnist.get_config(), ch=16, num_res_blocks=1, z_channels=4, norm_groups=8)
     config.data.image_size = 32
     config.data.pad = True  # 28 -> 32: centred on black
-    config.model = ml_collections.ConfigDict(
-        dict(ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=4, norm_groups=8,
-             mid_attention=True, dtype="float32", precision="default")
-    )  # fmt: skip
-    config.loss = ml_collections.ConfigDict(
-        dict(rec="l1", kl_weight=1e-6, disc_start=50_001, disc_weight=0.0, disc_layers=2,
-             disc_ch=32)
-    )  # fmt: skip
-    # LPIPS (lpips.py) with weight perceptual_weight, LDM's 1.0, needs its weights: a
-    # folder with torchvision's vgg16-397923af.pth and LPIPS's vgg.pth (v0.1)
-    config.loss.perceptual_weight = 0.0
-    config.loss.lpips_weights = ""
+    config.loss.update(disc_layers=2, disc_ch=32)
     config.training.num_steps = 3_000
     config.training.learning_rate = 5e-4
     config.training.sample_every = 1_000  # grids of inputs above their reconstructions
     config.training.checkpoint_every = 500
     config.eval.batch_size = 64
     config.eval.every = 1_000
-    del config.eval.nll_batches, config.eval.fid_samples, config.eval.num_samples
-    config.eval.psnr_batches = 10  # PSNR (and FID of reconstructions) on 640 test digits
+    config.eval.psnr_batches = 10  # 640 test digits
     return config
